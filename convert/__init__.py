@@ -1,0 +1,1 @@
+"""PyTorch -> Flax weight conversion and the PyTorch TiTok reference."""

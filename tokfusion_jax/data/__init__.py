@@ -1,0 +1,1 @@
+"""Paired-image sources, colour handling, grain pipelines and the token cache."""

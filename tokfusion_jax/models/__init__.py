@@ -1,0 +1,1 @@
+"""Model definitions: the frozen TiTok tokenizer and the trainable fusion network."""
