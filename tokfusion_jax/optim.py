@@ -1,0 +1,156 @@
+"""Per-module Adam with gradient clipping and step-decayed learning rates.
+
+The reference recipe (CDDFuse) builds one Adam optimiser per top-level module, clips each
+module's gradient to an L2 norm of 0.01 on its own, and steps a StepLR scheduler per optimiser:
+learning rate ``lr * gamma ** floor(epoch / step_epochs)``, never below ``min_lr``. The encoder
+and decoder count epochs from the start of training; the fusion layers are created at stage II
+and their schedule (and Adam's bias correction) starts there.
+
+Here the optimiser state is a plain dict ``{module_name: optax_state}`` built for the modules
+present in the trainable tree, so stage II just adds entries for the new modules. Each module's
+learning rate is a pure function of the update count held in its own state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+ModuleStates = dict[str, optax.OptState]
+
+
+def step_decay_schedule(
+    base_lr: float, steps_per_epoch: int, step_epochs: int, gamma: float, min_lr: float
+) -> Callable[[jax.Array], jax.Array]:
+    """StepLR as a function of the update count: ``max(base * gamma**floor(epoch/step), min)``.
+
+    ``epoch = count // steps_per_epoch`` is the epoch the update with index ``count`` (0-based)
+    belongs to, so every update within an epoch uses that epoch's learning rate.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+
+    def schedule(count: jax.Array) -> jax.Array:
+        epoch = jnp.asarray(count, jnp.int32) // steps_per_epoch
+        decays = epoch // step_epochs
+        lr = base_lr * jnp.power(jnp.float32(gamma), decays.astype(jnp.float32))
+        return jnp.maximum(lr, jnp.float32(min_lr))
+
+    return schedule
+
+
+def clip_by_global_norm_torch(max_norm: float, eps: float = 1e-6) -> optax.GradientTransformation:
+    """``torch.nn.utils.clip_grad_norm_``: scale by ``min(1, max_norm / (norm + eps))``.
+
+    Unlike ``optax.clip_by_global_norm`` the coefficient has PyTorch's ``+ 1e-6`` in the
+    denominator, so it matches the reference to float precision.
+    """
+
+    def init(params: PyTree) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update(updates: PyTree, state: optax.EmptyState, params: PyTree = None):
+        del params
+        norm = optax.global_norm(updates)
+        coef = jnp.minimum(1.0, max_norm / (norm + eps))
+        return jax.tree_util.tree_map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def module_transform(
+    optim_cfg: Mapping[str, Any], steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """One module's optimiser: clip the module's global norm, then Adam at the decayed rate."""
+    schedule = step_decay_schedule(
+        float(optim_cfg["lr"]),
+        steps_per_epoch,
+        int(optim_cfg["decay_every_epochs"]),
+        float(optim_cfg["decay_factor"]),
+        float(optim_cfg["min_lr"]),
+    )
+    parts = []
+    clip = float(optim_cfg["clip_norm"])
+    if clip > 0:
+        parts.append(clip_by_global_norm_torch(clip))
+    parts.append(
+        optax.scale_by_adam(
+            b1=float(optim_cfg["b1"]), b2=float(optim_cfg["b2"]), eps=float(optim_cfg["eps"])
+        )
+    )
+    wd = float(optim_cfg.get("weight_decay", 0.0))
+    if wd > 0:  # torch.optim.Adam's L2 weight decay adds wd * param to the gradient before Adam.
+        parts.insert(len(parts) - 1, optax.add_decayed_weights(wd))
+    parts.append(optax.scale_by_learning_rate(schedule))
+    return optax.chain(*parts)
+
+
+class ModuleOptimizer:
+    """Independent optimisers, one per top-level entry of the trainable parameter dict.
+
+    All methods are pure; instances hold only the configuration, so they can be closed over by
+    jitted functions.
+    """
+
+    def __init__(self, optim_cfg: Mapping[str, Any], steps_per_epoch: int):
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.transform = module_transform(optim_cfg, self.steps_per_epoch)
+        self._schedule = step_decay_schedule(
+            float(optim_cfg["lr"]),
+            self.steps_per_epoch,
+            int(optim_cfg["decay_every_epochs"]),
+            float(optim_cfg["decay_factor"]),
+            float(optim_cfg["min_lr"]),
+        )
+
+    def init(self, params: Mapping[str, PyTree]) -> ModuleStates:
+        """Fresh optimiser state for every module in ``params``."""
+        return {name: self.transform.init(p) for name, p in params.items()}
+
+    def extend(self, states: ModuleStates, params: Mapping[str, PyTree]) -> ModuleStates:
+        """Keeps the existing modules' states and adds fresh ones for modules new in ``params``."""
+        out = dict(states)
+        for name, p in params.items():
+            if name not in out:
+                out[name] = self.transform.init(p)
+        return out
+
+    def update(
+        self, grads: Mapping[str, PyTree], states: ModuleStates, params: Mapping[str, PyTree]
+    ) -> tuple[dict[str, PyTree], ModuleStates]:
+        """Per-module clip + Adam + schedule; returns (updates, new states)."""
+        if set(grads) != set(states):
+            raise ValueError(
+                f"gradient modules {sorted(grads)} do not match optimiser modules {sorted(states)}"
+            )
+        updates, new_states = {}, {}
+        for name in grads:
+            updates[name], new_states[name] = self.transform.update(
+                grads[name], states[name], params[name]
+            )
+        return updates, new_states
+
+    def learning_rates(self, states: ModuleStates) -> dict[str, jax.Array]:
+        """The learning rate each module's next update will use (for logging)."""
+        return {name: self._schedule(update_count(s)) for name, s in states.items()}
+
+
+def update_count(state: optax.OptState) -> jax.Array:
+    """Number of updates applied so far, read from the Adam state inside a module's chain."""
+    for leaf_state in jax.tree_util.tree_leaves(
+        state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)
+    ):
+        if isinstance(leaf_state, optax.ScaleByAdamState):
+            return leaf_state.count
+    raise ValueError("optimiser state holds no Adam state")
+
+
+def global_norms(tree: Mapping[str, PyTree]) -> dict[str, jax.Array]:
+    """L2 norm of each top-level module's leaves (float32)."""
+    return {name: optax.global_norm(sub).astype(jnp.float32) for name, sub in tree.items()}
