@@ -1,0 +1,75 @@
+"""Default configuration of the fusion model (the ``config.model`` section of configs/*.py).
+
+Every key is documented where it is set. `model_config()` returns a fresh, unlocked ConfigDict;
+`tokfusion_jax.models.fusion.TokFusion` validates it (`ConfigError` naming the key on bad values).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+RESIDUAL_MODES = ("sum", "vis", "none")
+TOKEN_SOURCES = ("quantized", "continuous", "normalized")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """Returns the paper's model setting (TiTok-L-32 tokens, CDDFuse-sized backbone, dim 64)."""
+    c = ml_collections.ConfigDict()
+    # Channel width of every 2D feature map (token-induced map, encoder, decoder, fuse layers).
+    c.dim = 64
+    # Attention heads of every Restormer block and of the base (lite transformer) branch; must
+    # divide `dim`.
+    c.heads = 8
+    # GDFN hidden expansion of the Restormer TransformerBlocks (hidden = dim * ffn_expansion).
+    c.ffn_expansion = 2
+    # TransformerBlocks in the shared encoder (CDDFuse encoder_level1) and in the decoder
+    # (CDDFuse encoder_level2).
+    c.enc_blocks = 4
+    c.dec_blocks = 4
+    # DetailNodes (INN layers) in the encoder's detail branch and in the stage-II DetailFuse layer.
+    c.detail_layers = 3
+    c.fuse_detail_layers = 1
+    # False: the no-token ablation = the plain 2D CDDFuse path (3x3 patch_embed conv on the
+    # image feeds the encoder; no STE, no token-to-map interface).
+    c.use_tokens = True
+    # False: no Selective Token Editing (Z goes unedited into the token-to-map interface).
+    c.use_ste = True
+    # False: the token-to-map interface upsamples without merging the source image's detail
+    # features (pure bilinear x2 stages).
+    c.use_detail_injection = True
+    # True: one encoder serves both modalities (CDDFuse, and the paper's 1.3 M budget);
+    # False: one encoder per modality (params["encoder"] = {"vis": ..., "ir": ...}).
+    c.share_encoder = True
+    # Residual added inside the decoder's sigmoid in stage II: "sum" = vis + ir (paper Eq. 12),
+    # "vis" = the visible image only (CDDFuse's IVIF recipe), "none" = no residual. In stage I
+    # ("reconstruct") "sum" and "vis" both add the reconstructed modality's own image.
+    c.residual = "sum"
+    # How the token-induced map F_hat enters the shared encoder. "replace": F_hat replaces
+    # CDDFuse's patch_embed output (the encoder sees only F_hat; the image reaches it through the
+    # interface's detail injection). "add": patch_embed(image) + F_hat.
+    c.encoder_input = "replace"
+
+    # Selective Token Editing: Z_tilde = Z + M * Delta, M = positions x channels (binary).
+    c.ste = ml_collections.ConfigDict()
+    c.ste.positions = (12, 18)  # token indices edited (found by the probe for TiTok-L-32)
+    c.ste.channels = (6, 7, 8)  # token channels edited at those positions
+    c.ste.shared = True  # one Delta for both modalities; False: "delta_vis" and "delta_ir"
+
+    # The frozen tokenizer's tokens as the fusion model sees them.
+    c.tokens = ml_collections.ConfigDict()
+    # "quantized": the unit-norm codebook vectors TiTok.encode returns; "continuous": the raw
+    # encoder latent; "normalized": the latent l2-normalised over channels.
+    c.tokens.source = "quantized"
+    c.tokens.num_tokens = 32  # N (TiTok-L-32: 32)
+    c.tokens.token_dim = 12  # C (TiTok-L-32: 12)
+    c.tokens.input_size = 256  # side of the square image the tokenizer sees (its image_size)
+
+    # Token-to-map interface.
+    c.coarse_size = 32  # the linear map over tokens gives a coarse_size x coarse_size map
+    c.refine_scale_init = 0.1  # initial value of the learnable scale of the coarse 3x3 refinement
+
+    # Compute dtype of every apply ("float32" | "bfloat16" | "float16"); params stay float32,
+    # LayerNorm statistics and softmax run in float32.
+    c.dtype = "float32"
+    return c
