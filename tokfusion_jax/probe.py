@@ -1,0 +1,841 @@
+"""Selective Token Editing discovery: Gumbel-Softmax probing of token positions and channels.
+
+Paper §4.1 (Eqs. 6-8), §5.4 and appendix C. With the tokenizer and a trained fusion model
+frozen, each of S editing slots owns selector logits ``a_s`` (one per token position) and a
+learnable offset. A training step samples
+
+    y_s = softmax((a_s + g_s) / tau),   g_s ~ Gumbel(0, 1)            (Eq. 6)
+
+per image (optionally hard, straight-through: the forward pass uses one_hot(argmax y_s), the
+backward pass the soft y_s), adds ``sum_s y_s (x) offset_s`` to the tokens, fuses, and maximises
+a weighted sum of differentiable EI, AG, SF and SSIM of the fused image, each divided by its value
+at the unperturbed tokens so that no term dominates by scale. ``tau`` is annealed. The chosen
+position of a slot is the argmax of its learned selector (Eq. 7); a second pass ranks channels at
+the chosen positions by how consistently (across images) an offset there moves the objective,
+and picks a contiguous or free group (paper: positions {12, 18}, channels {6, 7, 8} on TiTok-L-32).
+
+The core (:func:`probe_positions`, :func:`probe_channels`) is a pure function of two callables,
+``token_fn(batch) -> (B, M, N, C)`` and ``terms_fn(tokens, batch) -> {name: (B,)}``, so it runs
+on any model, any token count and on planted test problems. :func:`main` wires it to a trained
+run's export (``python -m tokfusion_jax.probe --workdir=RUN``).
+
+Outputs (``RUN/probe`` by default): ``ste.json`` (the config snippet; load it with
+:func:`load_ste_snippet` into ``config.model.ste``), ``probe.json`` (everything measured),
+``selection_frequency.png`` (Figure 5) and ``selector_distributions.png`` (Figure 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from tokfusion_jax.errors import ConfigError, TokFusionError
+
+Array = jax.Array
+Batch = Mapping[str, Any]
+TokenFn = Callable[[Batch], Array]  # batch -> tokens (B, M, N, C), M modalities
+TermsFn = Callable[[Array, Batch], Mapping[str, Array]]  # (tokens, batch) -> {name: (B,)}
+
+MODALITIES = ("vis", "ir")
+SNIPPET_FORMAT = "tokfusion_jax.ste/1"
+GROUP_MODES = ("contiguous", "free")
+ANNEAL_MODES = ("exp", "linear", "constant")
+
+
+# ----------------------------------------------------------------------------- Gumbel-Softmax
+
+
+def gumbel_softmax(
+    rng: Array, logits: Array, tau: float | Array, *, hard: bool = False, axis: int = -1
+) -> Array:
+    """Samples y = softmax((logits + g) / tau), g ~ Gumbel(0, 1) i.i.d. (paper Eq. 6).
+
+    With ``hard=True`` the value is the one-hot argmax of y (Eq. 7) while the gradient is that
+    of the soft y (straight-through estimator). Shapes: ``logits`` (..., N) -> (..., N).
+    """
+    gumbel = jax.random.gumbel(rng, logits.shape, dtype=jnp.float32)
+    y = jax.nn.softmax((logits.astype(jnp.float32) + gumbel) / tau, axis=axis)
+    if not hard:
+        return y
+    one_hot = jax.nn.one_hot(jnp.argmax(y, axis=axis), y.shape[axis], axis=axis, dtype=y.dtype)
+    return y + jax.lax.stop_gradient(one_hot - y)
+
+
+def temperature(
+    step: int | Array, *, tau_start: float, tau_end: float, anneal_steps: int, mode: str = "exp"
+) -> Array:
+    """The Gumbel temperature at ``step``: annealed from ``tau_start`` to ``tau_end``.
+
+    ``exp``: geometric interpolation over ``anneal_steps`` steps, ``linear``: linear, both held at
+    ``tau_end`` afterwards; ``constant``: always ``tau_start``.
+    """
+    if mode not in ANNEAL_MODES:
+        raise ConfigError(f"probe.anneal={mode!r} must be one of {ANNEAL_MODES}")
+    if mode == "constant":
+        return jnp.asarray(tau_start, jnp.float32)
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(anneal_steps, 1), 0.0, 1.0)
+    if mode == "linear":
+        return tau_start + (tau_end - tau_start) * frac
+    return tau_start * (tau_end / tau_start) ** frac
+
+
+# ----------------------------------------------------------------------------- token editing
+
+
+def edit_tokens(tokens: Array, weights: Array, offsets: Array, channel_mask: Array) -> Array:
+    """Adds each slot's offset at the positions its (soft or hard) weights select.
+
+    tokens (B, M, N, C); weights (B, M, S, N) selector samples; offsets (M, S, C);
+    channel_mask (C,) of 0/1 (the channels the offsets may touch). Returns (B, M, N, C):
+    ``Z + sum_s weights_s (x) (offset_s * channel_mask)`` -- Eq. 8 with a soft mask.
+    """
+    delta = jnp.einsum("bmsn,msc->bmnc", weights, offsets * channel_mask)
+    return tokens + delta.astype(tokens.dtype)
+
+
+def hard_mask(
+    positions: Sequence[int], channels: Sequence[int], num_tokens: int, dim: int
+) -> Array:
+    """The binary STE mask M (N, C) of Eq. 8: 1 at (position, channel) pairs, else 0."""
+    rows = jnp.zeros((num_tokens,), jnp.float32).at[jnp.asarray(positions, jnp.int32)].set(1.0)
+    cols = jnp.zeros((dim,), jnp.float32).at[jnp.asarray(channels, jnp.int32)].set(1.0)
+    return rows[:, None] * cols[None, :]
+
+
+# ----------------------------------------------------------------------------- probe settings
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSettings:
+    """Hyper-parameters of the position and channel probes (``configs/probe.py`` documents them)."""
+
+    steps: int = 300
+    lr: float = 0.05
+    tau_start: float = 2.0
+    tau_end: float = 0.2
+    anneal: str = "exp"
+    anneal_fraction: float = 0.8  # tau reaches tau_end after this fraction of the steps
+    hard: bool = True
+    offset_scale: float = 0.5  # offsets are offset_scale * tanh(raw): bounded edits
+    offset_init_std: float = 0.01
+    shared_selector: bool = False  # one selector for all modalities (else one per modality)
+    shared_offsets: bool = False
+    probe_channels: tuple[int, ...] = ()  # channels edited while probing positions; () = all
+    diversity: float = 1.0  # penalty on two slots putting mass on the same position
+    count_fraction: float = 0.5  # hard selections counted over the last fraction of steps
+    weights: tuple[tuple[str, float], ...] = (("ei", 1.0), ("ag", 1.0), ("sf", 1.0), ("ssim", 1.0))
+    channel_batches: int = 8
+    group_size: int = 3
+    group: str = "contiguous"
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> ProbeSettings:
+        """Builds settings from a (ConfigDict) mapping; unknown keys fail naming the key."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in fields:
+                continue  # other probe keys (slots, batch_size, ...) are the CLI's
+            if key == "weights":
+                value = tuple((str(k), float(v)) for k, v in dict(value).items())
+            elif key == "probe_channels":
+                value = tuple(int(c) for c in value)
+            kwargs[key] = value
+        settings = cls(**kwargs)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first out-of-range key."""
+        checks = [
+            ("steps", self.steps >= 1),
+            ("lr", self.lr > 0),
+            ("tau_start", self.tau_start > 0),
+            ("tau_end", self.tau_end > 0),
+            ("anneal", self.anneal in ANNEAL_MODES),
+            ("anneal_fraction", 0 < self.anneal_fraction <= 1),
+            ("offset_scale", self.offset_scale > 0),
+            ("count_fraction", 0 < self.count_fraction <= 1),
+            ("channel_batches", self.channel_batches >= 1),
+            ("group_size", self.group_size >= 1),
+            ("group", self.group in GROUP_MODES),
+            ("weights", len(self.weights) > 0 and all(w >= 0 for _, w in self.weights)),
+            ("diversity", self.diversity >= 0),
+        ]
+        for key, ok in checks:
+            if not ok:
+                raise ConfigError(f"probe.{key}={getattr(self, key)!r} is out of range")
+
+
+# ----------------------------------------------------------------------------- position probe
+
+
+@flax.struct.dataclass
+class ProbeState:
+    """Everything the position probe carries between steps (a pytree)."""
+
+    step: Array  # () int32
+    params: dict[str, Array]  # logits (Ms, S, N), raw_offsets (Mo, S, C)
+    opt_state: Any
+    counts: Array  # (M, S, N) float32 hard selections over the counting window
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionResult:
+    """What the position probe learned (NumPy, JSON-friendly through :meth:`to_json`)."""
+
+    positions: list[int]  # chosen position per slot (distinct), slot order
+    probs: np.ndarray  # (M, S, N) softmax of the selector logits: Figure 6
+    frequency: np.ndarray  # (M, S, N) hard-selection frequency (rows sum to 1): Figure 5
+    offsets: np.ndarray  # (M, S, C) learned offsets (bounded)
+    history: list[dict[str, float]]  # objective and temperature along the run
+    scales: dict[str, float]  # each term's value at the unperturbed tokens
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {
+            "positions": [int(p) for p in self.positions],
+            "probs": np.round(self.probs, 6).tolist(),
+            "frequency": np.round(self.frequency, 6).tolist(),
+            "offsets": np.round(self.offsets, 6).tolist(),
+            "history": self.history,
+            "scales": self.scales,
+        }
+
+
+def _bounded(raw: Array, scale: float) -> Array:
+    return scale * jnp.tanh(raw)
+
+
+def _broadcast_modalities(x: Array, m: int) -> Array:
+    """(1 or M, ...) -> (M, ...)."""
+    return jnp.broadcast_to(x, (m,) + x.shape[1:])
+
+
+def _channel_mask(channels: Sequence[int], dim: int) -> Array:
+    if not channels:
+        return jnp.ones((dim,), jnp.float32)
+    bad = [c for c in channels if not 0 <= c < dim]
+    if bad:
+        raise ConfigError(f"probe.probe_channels={tuple(channels)} has channels outside [0, {dim})")
+    return jnp.zeros((dim,), jnp.float32).at[jnp.asarray(channels)].set(1.0)
+
+
+def objective(terms: Mapping[str, Array], weights: Mapping[str, float], scales: Mapping) -> Array:
+    """sum_k w_k * mean_b(term_k) / |scale_k| / sum_k w_k: a scale-free score (1 at the start)."""
+    total = sum(weights.values())
+    out = 0.0
+    for name, w in weights.items():
+        out = out + w * jnp.mean(terms[name]) / scales[name]
+    return out / total
+
+
+def _check_terms(terms: Mapping[str, Any], weights: Mapping[str, float]) -> None:
+    missing = [k for k in weights if k not in terms]
+    if missing:
+        raise ConfigError(
+            f"probe.weights names terms {missing} that the objective does not produce "
+            f"(it produces {sorted(terms)})"
+        )
+
+
+def term_scales(
+    token_fn: TokenFn, terms_fn: TermsFn, batch: Batch, weights: Mapping[str, float]
+) -> dict[str, float]:
+    """Each weighted term's |mean| at the unperturbed tokens (the normalisers)."""
+    terms = jax.jit(lambda b: terms_fn(jax.lax.stop_gradient(token_fn(b)), b))(batch)
+    _check_terms(terms, weights)
+    scales = {}
+    for name in weights:
+        value = float(jnp.abs(jnp.mean(terms[name])))
+        scales[name] = value if value > 1e-8 else 1.0
+    return scales
+
+
+def _overlap(logits: Array) -> Array:
+    """Mean over modalities and slot pairs s < t of sum_n p_s,n p_t,n (0 if one slot)."""
+    p = jax.nn.softmax(logits, axis=-1)  # (Ms, S, N)
+    s = p.shape[1]
+    if s < 2:
+        return jnp.zeros((), jnp.float32)
+    gram = jnp.einsum("msn,mtn->mst", p, p)
+    upper = jnp.triu(jnp.ones((s, s)), k=1)
+    return jnp.sum(gram * upper) / (p.shape[0] * s * (s - 1) / 2)
+
+
+def make_probe_step(
+    token_fn: TokenFn,
+    terms_fn: TermsFn,
+    settings: ProbeSettings,
+    optimizer: optax.GradientTransformation,
+    *,
+    num_modalities: int,
+    dim: int,
+    scales: Mapping[str, float],
+) -> Callable[[ProbeState, Batch, Array], tuple[ProbeState, dict[str, Array]]]:
+    """The (un-jitted) pure step ``(state, batch, rng) -> (state, metrics)``."""
+    weights = dict(settings.weights)
+    channel_mask = _channel_mask(settings.probe_channels, dim)
+    anneal_steps = max(1, int(round(settings.anneal_fraction * settings.steps)))
+    count_from = settings.steps - max(1, int(round(settings.count_fraction * settings.steps)))
+
+    def loss_fn(params, tokens, batch, rng, tau):
+        b, m = tokens.shape[:2]
+        logits = _broadcast_modalities(params["logits"], m)  # (M, S, N)
+        noise_logits = jnp.broadcast_to(logits[None], (b,) + logits.shape)  # (B, M, S, N)
+        y = gumbel_softmax(rng, noise_logits, tau, hard=settings.hard)
+        offsets = _bounded(_broadcast_modalities(params["raw_offsets"], m), settings.offset_scale)
+        edited = edit_tokens(tokens, y, offsets, channel_mask)
+        terms = terms_fn(edited, batch)
+        score = objective(terms, weights, scales)
+        loss = -score + settings.diversity * _overlap(params["logits"])
+        hard = jax.nn.one_hot(jnp.argmax(y, axis=-1), y.shape[-1])  # (B, M, S, N)
+        return loss, (score, jnp.sum(hard, axis=0))
+
+    def step(state: ProbeState, batch: Batch, rng: Array):
+        tokens = jax.lax.stop_gradient(token_fn(batch))  # (B, M, N, C)
+        tau = temperature(
+            state.step,
+            tau_start=settings.tau_start,
+            tau_end=settings.tau_end,
+            anneal_steps=anneal_steps,
+            mode=settings.anneal,
+        )
+        (loss, (score, hard)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, tokens, batch, rng, tau
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        counting = (state.step >= count_from).astype(jnp.float32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            counts=state.counts + counting * hard,
+        )
+        return new_state, {"loss": loss, "objective": score, "tau": tau}
+
+    del num_modalities
+    return step
+
+
+def init_probe_state(
+    rng: Array,
+    settings: ProbeSettings,
+    optimizer: optax.GradientTransformation,
+    *,
+    num_slots: int,
+    num_modalities: int,
+    num_tokens: int,
+    dim: int,
+) -> ProbeState:
+    """Uniform selectors (zero logits), small random offsets."""
+    ms = 1 if settings.shared_selector else num_modalities
+    mo = 1 if settings.shared_offsets else num_modalities
+    params = {
+        "logits": jnp.zeros((ms, num_slots, num_tokens), jnp.float32),
+        "raw_offsets": settings.offset_init_std
+        * jax.random.normal(rng, (mo, num_slots, dim), jnp.float32),
+    }
+    return ProbeState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        counts=jnp.zeros((num_modalities, num_slots, num_tokens), jnp.float32),
+    )
+
+
+def choose_positions(log_probs: np.ndarray) -> list[int]:
+    """Distinct positions, one per slot, from (M, S, N) log-probabilities.
+
+    Modalities vote by summing log-probabilities; slots pick greedily, most confident first, each
+    the best position not already taken. Returns the positions in slot order.
+    """
+    joint = np.asarray(log_probs, np.float64).sum(axis=0)  # (S, N)
+    s, n = joint.shape
+    if s > n:
+        raise ConfigError(f"probe slots={s} exceeds the number of tokens N={n}")
+    chosen: dict[int, int] = {}
+    for slot in np.argsort(-joint.max(axis=1), kind="stable"):
+        order = np.argsort(-joint[slot], kind="stable")
+        chosen[int(slot)] = int(next(p for p in order if p not in chosen.values()))
+    return [chosen[k] for k in range(s)]
+
+
+def _shard(batch: Batch, sharding: Any) -> dict[str, Any]:
+    """Puts the numeric entries of a batch on the mesh (batch axis split), drops strings."""
+    out = {}
+    for key, value in batch.items():
+        arr = np.asarray(value)
+        if arr.dtype.kind in "USO":
+            continue
+        out[key] = arr if sharding is None else jax.device_put(arr, sharding)
+    return out
+
+
+def _mesh_shardings(mesh: Any) -> tuple[Any, Any]:
+    if mesh is None:
+        return None, None
+    from tokfusion_jax import sharding as sharding_lib
+
+    return sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+
+
+def probe_positions(
+    token_fn: TokenFn,
+    terms_fn: TermsFn,
+    batches: Iterable[Batch],
+    settings: ProbeSettings,
+    *,
+    num_slots: int,
+    mesh: Any = None,
+    progress: bool = False,
+) -> PositionResult:
+    """Learns ``num_slots`` Gumbel-Softmax selectors over token positions (one jitted step).
+
+    ``batches`` yields at least ``settings.steps`` batches (numeric entries are put on ``mesh``
+    with the batch axis split over its devices; state is replicated). Deterministic for a fixed
+    ``settings.seed`` and batch stream.
+    """
+    if num_slots < 1:
+        raise ConfigError(f"probe slots={num_slots} must be >= 1")
+    batch_sh, repl_sh = _mesh_shardings(mesh)
+    iterator = iter(batches)
+    first = _shard(next(iterator), batch_sh)
+    shape = jax.eval_shape(token_fn, first).shape
+    if len(shape) != 4:
+        raise ConfigError(f"token_fn must return (B, M, N, C) tokens, got shape {shape}")
+    _, m, n, c = shape
+    weights = dict(settings.weights)
+    scales = term_scales(token_fn, terms_fn, first, weights)
+    optimizer = optax.adam(settings.lr)
+    key = jax.random.PRNGKey(settings.seed)
+    init_key, run_key = jax.random.split(key)
+    state = init_probe_state(
+        init_key, settings, optimizer, num_slots=num_slots, num_modalities=m, num_tokens=n, dim=c
+    )
+    step_fn = make_probe_step(
+        token_fn, terms_fn, settings, optimizer, num_modalities=m, dim=c, scales=scales
+    )
+    if mesh is not None:
+        state = jax.device_put(state, repl_sh)
+        step_fn = jax.jit(step_fn, out_shardings=(repl_sh, repl_sh), donate_argnums=(0,))
+    else:
+        step_fn = jax.jit(step_fn, donate_argnums=(0,))
+
+    history: list[dict[str, float]] = []
+    pending = []
+    log_every = max(1, settings.steps // 20)
+    steps = range(settings.steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=f"probe positions (S={num_slots})", leave=False)
+    batch = first
+    for i in steps:
+        if i > 0:
+            try:
+                batch = _shard(next(iterator), batch_sh)
+            except StopIteration:
+                raise ConfigError(
+                    f"the data ran out after {i} batches; probe.steps={settings.steps} needs more"
+                ) from None
+        state, metrics = step_fn(state, batch, jax.random.fold_in(run_key, i))
+        if i % log_every == 0 or i == settings.steps - 1:
+            pending.append((i, metrics))
+    for i, metrics in pending:  # fetched once at the end: no host sync inside the loop
+        history.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
+
+    logits = _broadcast_modalities(state.params["logits"], m)
+    log_probs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    counts = np.asarray(state.counts, np.float64)
+    frequency = counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
+    offsets = _bounded(_broadcast_modalities(state.params["raw_offsets"], m), settings.offset_scale)
+    return PositionResult(
+        positions=choose_positions(log_probs),
+        probs=np.exp(log_probs),
+        frequency=frequency,
+        offsets=np.asarray(offsets),
+        history=history,
+        scales=scales,
+    )
+
+
+# ----------------------------------------------------------------------------- channel probe
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelResult:
+    """Channel ranking at the chosen positions."""
+
+    channels: list[int]  # the chosen group, sorted
+    ranking: list[int]  # all channels, best first
+    score: np.ndarray  # (C,) consistency-weighted sensitivity (higher is better)
+    stability: np.ndarray  # (C,) |mean gradient| / mean |gradient| in [0, 1]
+    sensitivity: np.ndarray  # (C,) mean |gradient|
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return {
+            "channels": [int(c) for c in self.channels],
+            "ranking": [int(c) for c in self.ranking],
+            "score": np.round(self.score, 8).tolist(),
+            "stability": np.round(self.stability, 6).tolist(),
+            "sensitivity": np.round(self.sensitivity, 8).tolist(),
+        }
+
+
+def choose_group(score: np.ndarray, size: int, mode: str) -> list[int]:
+    """The best ``size`` channels: top scores (``free``) or the best window (``contiguous``)."""
+    score = np.asarray(score, np.float64)
+    if size > score.size:
+        raise ConfigError(f"probe.group_size={size} exceeds the token dimension C={score.size}")
+    if mode == "free":
+        return sorted(int(c) for c in np.argsort(-score, kind="stable")[:size])
+    if mode != "contiguous":
+        raise ConfigError(f"probe.group={mode!r} must be one of {GROUP_MODES}")
+    windows = np.convolve(score, np.ones(size), mode="valid")  # (C - size + 1,)
+    start = int(np.argmax(windows))
+    return list(range(start, start + size))
+
+
+def probe_channels(
+    token_fn: TokenFn,
+    terms_fn: TermsFn,
+    batches: Iterable[Batch],
+    positions: Sequence[int],
+    settings: ProbeSettings,
+    *,
+    scales: Mapping[str, float],
+    mesh: Any = None,
+) -> ChannelResult:
+    """Ranks channels at ``positions`` by per-image gradients of the objective.
+
+    For every image b, modality m, position p and channel c, g = d objective_b / d Z[b,m,p,c]
+    (one backward pass gives all of them: a per-image zero offset is the differentiated input).
+    A single learnable offset (STE's Delta is shared by all images) can only exploit a channel
+    whose gradient keeps its sign across images, so the score is |mean_b g| summed over
+    modalities and positions; ``stability`` = |mean_b g| / mean_b |g| is reported beside it.
+    """
+    weights = dict(settings.weights)
+    pos = jnp.asarray(list(positions), jnp.int32)
+    total = sum(weights.values())
+
+    def grads_fn(batch):
+        tokens = jax.lax.stop_gradient(token_fn(batch))  # (B, M, N, C)
+        b, m, _, c = tokens.shape
+
+        def per_image(delta):  # (B, M, P, C) -> scalar sum over images of their objective
+            terms = terms_fn(tokens.at[:, :, pos, :].add(delta), batch)
+            return sum(w * jnp.sum(terms[k]) / scales[k] for k, w in weights.items()) / total
+
+        g = jax.grad(per_image)(jnp.zeros((b, m, pos.shape[0], c), jnp.float32))
+        return jnp.sum(g, axis=0), jnp.sum(jnp.abs(g), axis=0), b
+
+    batch_sh, _ = _mesh_shardings(mesh)
+    fn = jax.jit(grads_fn)
+    sum_g = sum_abs = 0.0
+    count = 0
+    iterator = iter(batches)
+    for _ in range(settings.channel_batches):
+        try:
+            batch = _shard(next(iterator), batch_sh)
+        except StopIteration:
+            break
+        g, a, b = fn(batch)
+        sum_g, sum_abs, count = sum_g + g, sum_abs + a, count + int(b)
+    if count == 0:
+        raise ConfigError("the channel probe got no data batch")
+    mean_g = np.asarray(sum_g, np.float64) / count  # (M, P, C)
+    mean_abs = np.asarray(sum_abs, np.float64) / count
+    score = np.abs(mean_g).sum(axis=(0, 1))
+    sensitivity = mean_abs.sum(axis=(0, 1))
+    stability = score / np.maximum(sensitivity, 1e-30)
+    ranking = [int(c) for c in np.argsort(-score, kind="stable")]
+    return ChannelResult(
+        channels=choose_group(score, settings.group_size, settings.group),
+        ranking=ranking,
+        score=score,
+        stability=stability,
+        sensitivity=sensitivity,
+    )
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON, atomically (temp file + os.replace)."""
+    _atomic_write_bytes(pathlib.Path(path), (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def ste_snippet(
+    positions: Sequence[int],
+    channels: Sequence[int],
+    *,
+    num_tokens: int,
+    token_dim: int,
+    shared: bool = True,
+    tokenizer_sha256: str = "",
+    source: str = "",
+) -> dict[str, Any]:
+    """The config snippet that sets ``config.model.ste`` (see :func:`load_ste_snippet`)."""
+    return {
+        "format": SNIPPET_FORMAT,
+        "positions": sorted(int(p) for p in positions),
+        "channels": sorted(int(c) for c in channels),
+        "shared": bool(shared),
+        "num_tokens": int(num_tokens),
+        "token_dim": int(token_dim),
+        "tokenizer_sha256": tokenizer_sha256,
+        "source": source,
+    }
+
+
+def load_ste_snippet(
+    path: str | os.PathLike, *, num_tokens: int | None = None, token_dim: int | None = None
+) -> ml_collections.ConfigDict:
+    """Reads a probe snippet (``ste.json``) as the ``config.model.ste`` section.
+
+    Returns ConfigDict(positions=tuple, channels=tuple, shared=bool). When ``num_tokens`` /
+    ``token_dim`` are given they must match the snippet (a snippet probed on TiTok-L-32 does not
+    fit a 64-token tokenizer). Usage in a config file::
+
+        config.model.ste = probe.load_ste_snippet("configs/ste/titok_l32.json")
+    """
+    path = pathlib.Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: STE snippet not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a JSON STE snippet ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != SNIPPET_FORMAT:
+        raise ConfigError(f"{path}: key 'format' must be {SNIPPET_FORMAT!r}")
+    for key in ("positions", "channels", "num_tokens", "token_dim"):
+        if key not in data:
+            raise ConfigError(f"{path}: missing key {key!r}")
+    n, c = int(data["num_tokens"]), int(data["token_dim"])
+    positions = tuple(int(p) for p in data["positions"])
+    channels = tuple(int(ch) for ch in data["channels"])
+    if not positions or any(not 0 <= p < n for p in positions):
+        raise ConfigError(f"{path}: positions={list(positions)} must lie in [0, {n})")
+    if not channels or any(not 0 <= ch < c for ch in channels):
+        raise ConfigError(f"{path}: channels={list(channels)} must lie in [0, {c})")
+    if num_tokens is not None and num_tokens != n:
+        raise ConfigError(f"{path}: num_tokens={n} but the model has {num_tokens} tokens")
+    if token_dim is not None and token_dim != c:
+        raise ConfigError(f"{path}: token_dim={c} but the model's tokens have {token_dim} dims")
+    ste = ml_collections.ConfigDict()
+    ste.positions = positions
+    ste.channels = channels
+    ste.shared = bool(data.get("shared", True))
+    return ste
+
+
+def _plot_slots(path: pathlib.Path, values: np.ndarray, title: str, ylabel: str) -> None:
+    """Bar charts: one row per slot, one column per modality. values (M, S, N)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m, s, n = values.shape
+    fig, axes = plt.subplots(s, m, figsize=(max(4.0, 0.18 * n) * m, 1.8 * s + 0.6), squeeze=False)
+    names = MODALITIES if m == len(MODALITIES) else tuple(f"m{i}" for i in range(m))
+    for si in range(s):
+        for mi in range(m):
+            ax = axes[si, mi]
+            ax.bar(np.arange(n), values[mi, si], color=f"C{si}")
+            top = int(np.argmax(values[mi, si]))
+            ax.set_title(f"slot {si}, {names[mi]}: top {top}", fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.set_xlim(-0.6, n - 0.4)
+            ax.tick_params(labelsize=6)
+            if mi == 0:
+                ax.set_ylabel(ylabel, fontsize=7)
+    axes[-1, 0].set_xlabel("token position", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def _save_figure(fig: Any, path: pathlib.Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_distributions(path: pathlib.Path, by_budget: Mapping[int, np.ndarray]) -> None:
+    """Figure 6: selector distributions (modality-averaged) per slot, one row per slot budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted(by_budget)
+    cols = max(budgets)
+    n = next(iter(by_budget.values())).shape[-1]
+    fig, axes = plt.subplots(
+        len(budgets), cols, figsize=(max(3.0, 0.12 * n) * cols, 1.6 * len(budgets) + 0.6)
+    )
+    axes = np.atleast_2d(np.asarray(axes).reshape(len(budgets), cols))
+    for r, budget in enumerate(budgets):
+        probs = np.asarray(by_budget[budget]).mean(axis=0)  # (S, N)
+        for si in range(cols):
+            ax = axes[r, si]
+            if si >= budget:
+                ax.axis("off")
+                continue
+            ax.bar(np.arange(n), probs[si], color=f"C{si}")
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{budget} slot(s): slot {si} -> {int(np.argmax(probs[si]))}", fontsize=8)
+            ax.tick_params(labelsize=6)
+    fig.suptitle("selector distributions softmax(a_s) per slot budget", fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- whole probe
+
+
+def run_probe(
+    token_fn: TokenFn,
+    terms_fn: TermsFn,
+    make_batches: Callable[[int], Iterator[Batch]],
+    settings: ProbeSettings,
+    *,
+    slots: Sequence[int] = (1, 2, 3, 4),
+    select_budget: int = 2,
+    outdir: str | os.PathLike,
+    mesh: Any = None,
+    shared: bool = True,
+    tokenizer_sha256: str = "",
+    source: str = "",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Position probes for each slot budget, a channel probe at the chosen positions, outputs.
+
+    ``make_batches(seed)`` returns a fresh batch iterator (one per budget, seeded). The snippet
+    comes from ``select_budget`` (the paper's 2 slots). Writes ``ste.json``, ``probe.json`` and
+    the two PNG figures into ``outdir``; returns the ``probe.json`` content.
+    """
+    slots = sorted({int(s) for s in slots})
+    if select_budget not in slots:
+        raise ConfigError(f"probe.select_budget={select_budget} is not among slots={slots}")
+    outdir = pathlib.Path(outdir)
+    results: dict[int, PositionResult] = {}
+    for budget in slots:
+        results[budget] = probe_positions(
+            token_fn,
+            terms_fn,
+            make_batches(settings.seed + budget),
+            settings,
+            num_slots=budget,
+            mesh=mesh,
+            progress=progress,
+        )
+    chosen = results[select_budget]
+    channel = probe_channels(
+        token_fn,
+        terms_fn,
+        make_batches(settings.seed + 1000),
+        chosen.positions,
+        settings,
+        scales=chosen.scales,
+        mesh=mesh,
+    )
+    n, c = chosen.probs.shape[-1], chosen.offsets.shape[-1]
+    snippet = ste_snippet(
+        chosen.positions,
+        channel.channels,
+        num_tokens=n,
+        token_dim=c,
+        shared=shared,
+        tokenizer_sha256=tokenizer_sha256,
+        source=source,
+    )
+    report = {
+        "ste": snippet,
+        "select_budget": select_budget,
+        "modalities": list(MODALITIES[: chosen.probs.shape[0]]),
+        "settings": dataclasses.asdict(settings),
+        "budgets": {str(b): r.to_json() for b, r in results.items()},
+        "channels": channel.to_json(),
+    }
+    plot_distributions(
+        outdir / "selector_distributions.png", {b: r.probs for b, r in results.items()}
+    )
+    _plot_slots(
+        outdir / "selection_frequency.png",
+        chosen.frequency,
+        f"hard selection frequency, {select_budget} slot(s)",
+        "frequency",
+    )
+    write_json(outdir / "probe.json", report)
+    write_json(outdir / "ste.json", snippet)
+    return report
+
+
+def _parse_slots(text: str) -> list[int]:
+    try:
+        slots = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--slots={text!r} must be comma-separated integers, e.g. 1,2,3,4"
+        ) from None
+    if not slots or any(s < 1 for s in slots):
+        raise ConfigError(f"--slots={text!r} must list positive integers")
+    return slots
+
+
+__all__ = [
+    "ChannelResult",
+    "PositionResult",
+    "ProbeSettings",
+    "ProbeState",
+    "TokFusionError",
+    "choose_group",
+    "choose_positions",
+    "edit_tokens",
+    "gumbel_softmax",
+    "hard_mask",
+    "load_ste_snippet",
+    "probe_channels",
+    "probe_positions",
+    "run_probe",
+    "ste_snippet",
+    "temperature",
+    "write_json",
+]
