@@ -9,6 +9,7 @@ import pytest
 
 from tokfusion_jax import probe
 from tokfusion_jax.errors import ConfigError
+from tokfusion_jax.models import interface
 
 # ----------------------------------------------------------------------------- sampler
 
@@ -103,11 +104,12 @@ def _planted_problem(target: int, seed: int):
         while True:
             yield {"tokens": rng.normal(size=(8, 2, N_TOKENS, DIM)).astype(np.float32)}
 
-    def token_fn(batch):
+    def token_fn(frozen, batch):
+        del frozen
         return batch["tokens"]  # (B, M, N, C)
 
-    def terms_fn(tokens, batch):
-        del batch
+    def terms_fn(frozen, tokens, batch):
+        del frozen, batch
         x = jnp.einsum("bmc,c->b", tokens[:, :, target, :], w)  # (B,)
         return {"edge": 2.0 + jnp.tanh(0.5 * x), "flat": 10.0 + 0.0 * x}
 
@@ -171,14 +173,14 @@ def test_channel_probe_ranks_consistent_channels():
                 "sign": rng.choice([-1.0, 1.0], size=(8,)).astype(np.float32),
             }
 
-    def terms_fn(tokens, batch):
+    def terms_fn(frozen, tokens, batch):
         z = tokens[:, :, 4, :]  # (B, M, C)
         val = 3.0 * batch["sign"] * z[:, 0, 0] + 1.0 * z[:, :, 3].sum(-1) + 0.5 * z[:, :, 2].sum(-1)
         return {"t": 5.0 + val}
 
     settings = probe.ProbeSettings(weights=(("t", 1.0),), group_size=2, group="free")
     res = probe.probe_channels(
-        lambda b: b["tokens"], terms_fn, batches(0), [4], settings, scales={"t": 5.0}
+        lambda fz, b: b["tokens"], terms_fn, batches(0), [4], settings, scales={"t": 5.0}
     )
     assert res.ranking[:2] == [3, 2]
     assert res.channels == [2, 3]
@@ -218,7 +220,7 @@ def test_run_probe_writes_outputs_and_snippet_round_trip(tmp_path):
     ste = probe.load_ste_snippet(tmp_path / "ste.json", num_tokens=N_TOKENS, token_dim=DIM)
     assert list(ste.positions) == sorted(report["ste"]["positions"])
     assert list(ste.channels) == report["channels"]["channels"]
-    mask = np.asarray(probe.hard_mask(ste.positions, ste.channels, N_TOKENS, DIM))
+    mask = interface.hard_mask(N_TOKENS, DIM, ste.positions, ste.channels)
     expected = np.zeros((N_TOKENS, DIM))
     for p in report["ste"]["positions"]:
         expected[p, report["channels"]["channels"]] = 1.0

@@ -15,9 +15,10 @@ the chosen positions by how consistently (across images) an offset there moves t
 and picks a contiguous or free group (paper: positions {12, 18}, channels {6, 7, 8} on TiTok-L-32).
 
 The core (:func:`probe_positions`, :func:`probe_channels`) is a pure function of two callables,
-``token_fn(batch) -> (B, M, N, C)`` and ``terms_fn(tokens, batch) -> {name: (B,)}``, so it runs
-on any model, any token count and on planted test problems. :func:`main` wires it to a trained
-run's export (``python -m tokfusion_jax.probe --workdir=RUN``).
+``token_fn(frozen, batch) -> (B, M, N, C)`` and ``terms_fn(frozen, tokens, batch) -> {name: (B,)}``
+(``frozen``: the frozen parameters, passed to the jitted step as an argument, never baked in as
+constants), so it runs on any model, any token count and on planted test problems.
+:func:`main` wires it to a trained run's export (``python -m tokfusion_jax.probe --workdir=RUN``).
 
 Outputs (``RUN/probe`` by default): ``ste.json`` (the config snippet; load it with
 :func:`load_ste_snippet` into ``config.model.ste``), ``probe.json`` (everything measured),
@@ -45,8 +46,10 @@ from tokfusion_jax.errors import ConfigError, TokFusionError
 
 Array = jax.Array
 Batch = Mapping[str, Any]
-TokenFn = Callable[[Batch], Array]  # batch -> tokens (B, M, N, C), M modalities
-TermsFn = Callable[[Array, Batch], Mapping[str, Array]]  # (tokens, batch) -> {name: (B,)}
+# (frozen, batch) -> tokens (B, M, N, C), M modalities; `frozen` holds model/tokenizer params.
+TokenFn = Callable[[Any, Batch], Array]
+# (frozen, tokens, batch) -> {name: (B,)} per-image terms to maximise.
+TermsFn = Callable[[Any, Array, Batch], Mapping[str, Array]]
 
 MODALITIES = ("vis", "ir")
 SNIPPET_FORMAT = "tokfusion_jax.ste/1"
@@ -103,15 +106,6 @@ def edit_tokens(tokens: Array, weights: Array, offsets: Array, channel_mask: Arr
     """
     delta = jnp.einsum("bmsn,msc->bmnc", weights, offsets * channel_mask)
     return tokens + delta.astype(tokens.dtype)
-
-
-def hard_mask(
-    positions: Sequence[int], channels: Sequence[int], num_tokens: int, dim: int
-) -> Array:
-    """The binary STE mask M (N, C) of Eq. 8: 1 at (position, channel) pairs, else 0."""
-    rows = jnp.zeros((num_tokens,), jnp.float32).at[jnp.asarray(positions, jnp.int32)].set(1.0)
-    cols = jnp.zeros((dim,), jnp.float32).at[jnp.asarray(channels, jnp.int32)].set(1.0)
-    return rows[:, None] * cols[None, :]
 
 
 # ----------------------------------------------------------------------------- probe settings
@@ -254,10 +248,18 @@ def _check_terms(terms: Mapping[str, Any], weights: Mapping[str, float]) -> None
 
 
 def term_scales(
-    token_fn: TokenFn, terms_fn: TermsFn, batch: Batch, weights: Mapping[str, float]
+    token_fn: TokenFn,
+    terms_fn: TermsFn,
+    batch: Batch,
+    weights: Mapping[str, float],
+    frozen: Any = None,
 ) -> dict[str, float]:
     """Each weighted term's |mean| at the unperturbed tokens (the normalisers)."""
-    terms = jax.jit(lambda b: terms_fn(jax.lax.stop_gradient(token_fn(b)), b))(batch)
+
+    def terms_at_start(fz, b):
+        return terms_fn(fz, jax.lax.stop_gradient(token_fn(fz, b)), b)
+
+    terms = jax.jit(terms_at_start)(frozen, batch)
     _check_terms(terms, weights)
     scales = {}
     for name in weights:
@@ -286,28 +288,28 @@ def make_probe_step(
     num_modalities: int,
     dim: int,
     scales: Mapping[str, float],
-) -> Callable[[ProbeState, Batch, Array], tuple[ProbeState, dict[str, Array]]]:
-    """The (un-jitted) pure step ``(state, batch, rng) -> (state, metrics)``."""
+) -> Callable[[ProbeState, Any, Batch, Array], tuple[ProbeState, dict[str, Array]]]:
+    """The (un-jitted) pure step ``(state, frozen, batch, rng) -> (state, metrics)``."""
     weights = dict(settings.weights)
     channel_mask = _channel_mask(settings.probe_channels, dim)
     anneal_steps = max(1, int(round(settings.anneal_fraction * settings.steps)))
     count_from = settings.steps - max(1, int(round(settings.count_fraction * settings.steps)))
 
-    def loss_fn(params, tokens, batch, rng, tau):
+    def loss_fn(params, frozen, tokens, batch, rng, tau):
         b, m = tokens.shape[:2]
         logits = _broadcast_modalities(params["logits"], m)  # (M, S, N)
         noise_logits = jnp.broadcast_to(logits[None], (b,) + logits.shape)  # (B, M, S, N)
         y = gumbel_softmax(rng, noise_logits, tau, hard=settings.hard)
         offsets = _bounded(_broadcast_modalities(params["raw_offsets"], m), settings.offset_scale)
         edited = edit_tokens(tokens, y, offsets, channel_mask)
-        terms = terms_fn(edited, batch)
+        terms = terms_fn(frozen, edited, batch)
         score = objective(terms, weights, scales)
         loss = -score + settings.diversity * _overlap(params["logits"])
         hard = jax.nn.one_hot(jnp.argmax(y, axis=-1), y.shape[-1])  # (B, M, S, N)
         return loss, (score, jnp.sum(hard, axis=0))
 
-    def step(state: ProbeState, batch: Batch, rng: Array):
-        tokens = jax.lax.stop_gradient(token_fn(batch))  # (B, M, N, C)
+    def step(state: ProbeState, frozen: Any, batch: Batch, rng: Array):
+        tokens = jax.lax.stop_gradient(token_fn(frozen, batch))  # (B, M, N, C)
         tau = temperature(
             state.step,
             tau_start=settings.tau_start,
@@ -316,7 +318,7 @@ def make_probe_step(
             mode=settings.anneal,
         )
         (loss, (score, hard)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, tokens, batch, rng, tau
+            state.params, frozen, tokens, batch, rng, tau
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -402,26 +404,29 @@ def probe_positions(
     settings: ProbeSettings,
     *,
     num_slots: int,
+    frozen: Any = None,
     mesh: Any = None,
     progress: bool = False,
 ) -> PositionResult:
     """Learns ``num_slots`` Gumbel-Softmax selectors over token positions (one jitted step).
 
     ``batches`` yields at least ``settings.steps`` batches (numeric entries are put on ``mesh``
-    with the batch axis split over its devices; state is replicated). Deterministic for a fixed
-    ``settings.seed`` and batch stream.
+    with the batch axis split over its devices; the probe state and ``frozen`` are replicated).
+    Deterministic for a fixed ``settings.seed`` and batch stream.
     """
     if num_slots < 1:
         raise ConfigError(f"probe slots={num_slots} must be >= 1")
     batch_sh, repl_sh = _mesh_shardings(mesh)
     iterator = iter(batches)
     first = _shard(next(iterator), batch_sh)
-    shape = jax.eval_shape(token_fn, first).shape
+    if mesh is not None:
+        frozen = jax.device_put(frozen, repl_sh)
+    shape = jax.eval_shape(token_fn, frozen, first).shape
     if len(shape) != 4:
         raise ConfigError(f"token_fn must return (B, M, N, C) tokens, got shape {shape}")
     _, m, n, c = shape
     weights = dict(settings.weights)
-    scales = term_scales(token_fn, terms_fn, first, weights)
+    scales = term_scales(token_fn, terms_fn, first, weights, frozen)
     optimizer = optax.adam(settings.lr)
     key = jax.random.PRNGKey(settings.seed)
     init_key, run_key = jax.random.split(key)
@@ -454,7 +459,7 @@ def probe_positions(
                 raise ConfigError(
                     f"the data ran out after {i} batches; probe.steps={settings.steps} needs more"
                 ) from None
-        state, metrics = step_fn(state, batch, jax.random.fold_in(run_key, i))
+        state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(run_key, i))
         if i % log_every == 0 or i == settings.steps - 1:
             pending.append((i, metrics))
     for i, metrics in pending:  # fetched once at the end: no host sync inside the loop
@@ -521,6 +526,7 @@ def probe_channels(
     settings: ProbeSettings,
     *,
     scales: Mapping[str, float],
+    frozen: Any = None,
     mesh: Any = None,
 ) -> ChannelResult:
     """Ranks channels at ``positions`` by per-image gradients of the objective.
@@ -535,18 +541,20 @@ def probe_channels(
     pos = jnp.asarray(list(positions), jnp.int32)
     total = sum(weights.values())
 
-    def grads_fn(batch):
-        tokens = jax.lax.stop_gradient(token_fn(batch))  # (B, M, N, C)
+    def grads_fn(fz, batch):
+        tokens = jax.lax.stop_gradient(token_fn(fz, batch))  # (B, M, N, C)
         b, m, _, c = tokens.shape
 
         def per_image(delta):  # (B, M, P, C) -> scalar sum over images of their objective
-            terms = terms_fn(tokens.at[:, :, pos, :].add(delta), batch)
+            terms = terms_fn(fz, tokens.at[:, :, pos, :].add(delta), batch)
             return sum(w * jnp.sum(terms[k]) / scales[k] for k, w in weights.items()) / total
 
         g = jax.grad(per_image)(jnp.zeros((b, m, pos.shape[0], c), jnp.float32))
-        return jnp.sum(g, axis=0), jnp.sum(jnp.abs(g), axis=0), b
+        return jnp.sum(g, axis=0), jnp.sum(jnp.abs(g), axis=0)  # (M, P, C) each
 
-    batch_sh, _ = _mesh_shardings(mesh)
+    batch_sh, repl_sh = _mesh_shardings(mesh)
+    if mesh is not None:
+        frozen = jax.device_put(frozen, repl_sh)
     fn = jax.jit(grads_fn)
     sum_g = sum_abs = 0.0
     count = 0
@@ -556,8 +564,9 @@ def probe_channels(
             batch = _shard(next(iterator), batch_sh)
         except StopIteration:
             break
-        g, a, b = fn(batch)
-        sum_g, sum_abs, count = sum_g + g, sum_abs + a, count + int(b)
+        g, a = fn(frozen, batch)
+        sum_g, sum_abs = sum_g + g, sum_abs + a
+        count += int(jax.tree_util.tree_leaves(batch)[0].shape[0])
     if count == 0:
         raise ConfigError("the channel probe got no data batch")
     mean_g = np.asarray(sum_g, np.float64) / count  # (M, P, C)
@@ -739,6 +748,7 @@ def run_probe(
     slots: Sequence[int] = (1, 2, 3, 4),
     select_budget: int = 2,
     outdir: str | os.PathLike,
+    frozen: Any = None,
     mesh: Any = None,
     shared: bool = True,
     tokenizer_sha256: str = "",
@@ -763,6 +773,7 @@ def run_probe(
             make_batches(settings.seed + budget),
             settings,
             num_slots=budget,
+            frozen=frozen,
             mesh=mesh,
             progress=progress,
         )
@@ -774,6 +785,7 @@ def run_probe(
         chosen.positions,
         settings,
         scales=chosen.scales,
+        frozen=frozen,
         mesh=mesh,
     )
     n, c = chosen.probs.shape[-1], chosen.offsets.shape[-1]
@@ -830,7 +842,6 @@ __all__ = [
     "choose_positions",
     "edit_tokens",
     "gumbel_softmax",
-    "hard_mask",
     "load_ste_snippet",
     "probe_channels",
     "probe_positions",
