@@ -250,3 +250,26 @@ def test_settings_reject_bad_values():
         probe.ProbeSettings.from_config({"steps": 0})
     s = probe.ProbeSettings.from_config({"weights": {"ei": 2.0}, "slots": (1, 2)})
     assert s.weights == (("ei", 2.0),)
+
+
+def test_probe_config_file_and_shipped_snippets():
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    spec = importlib.util.spec_from_file_location("probe_cfg", root / "probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for arg in ("", "tiny"):
+        cfg = module.get_config(arg)
+        settings = probe.ProbeSettings.from_config(cfg)
+        assert dict(settings.weights) == {"ei": 1.0, "ag": 1.0, "sf": 1.0, "ssim": 1.0}
+        assert cfg.select_budget in cfg.slots
+    expected = {
+        "titok_l32": (32, (12, 18)),
+        "titok_b64": (64, (18, 60)),
+        "titok_s128": (128, (20, 69)),
+    }
+    for name, (n, positions) in expected.items():
+        ste = probe.load_ste_snippet(root / "ste" / f"{name}.json", num_tokens=n, token_dim=12)
+        assert ste.positions == positions and ste.channels == (6, 7, 8)

@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from tokfusion_jax.errors import ConfigError, TokFusionError
+from tokfusion_jax.errors import ConfigError
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -145,7 +145,8 @@ class ProbeSettings:
             if key not in fields:
                 continue  # other probe keys (slots, batch_size, ...) are the CLI's
             if key == "weights":
-                value = tuple((str(k), float(v)) for k, v in dict(value).items())
+                value = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+                value = tuple((str(k), float(v)) for k, v in value.items())
             elif key == "probe_channels":
                 value = tuple(int(c) for c in value)
             kwargs[key] = value
@@ -832,21 +833,189 @@ def _parse_slots(text: str) -> list[int]:
     return slots
 
 
+# ----------------------------------------------------------------------------- trained runs
+
+TERM_KEYS = {"ei": "EI", "ag": "AG", "sf": "SF", "ssim": "SSIM"}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The probe's settings (``configs/probe.py``; CLI overrides ``--config.steps=500``)."""
+    d = ProbeSettings()
+    c = ml_collections.ConfigDict()
+    c.slots = (1, 2, 3, 4)  # slot budgets probed (Table 7, Figure 6)
+    c.select_budget = 2  # the budget whose positions go into ste.json (the paper's 2 slots)
+    c.batch_size = 8  # global batch; divisible by the device count
+    c.seed = d.seed  # selector / offset init, Gumbel noise and the data order
+    c.steps = d.steps  # optimisation steps per slot budget
+    c.lr = d.lr  # Adam learning rate of the selector logits and offsets
+    c.tau_start = d.tau_start  # Gumbel temperature at step 0 ...
+    c.tau_end = d.tau_end  # ... annealed to this
+    c.anneal = d.anneal  # "exp" | "linear" | "constant"
+    c.anneal_fraction = d.anneal_fraction  # fraction of the steps the annealing takes
+    c.hard = d.hard  # straight-through hard selection (one-hot forward, soft gradient)
+    c.offset_scale = d.offset_scale  # offsets are offset_scale * tanh(raw) (tokens are unit-norm)
+    c.offset_init_std = d.offset_init_std
+    c.shared_selector = d.shared_selector  # one selector for both modalities
+    c.shared_offsets = d.shared_offsets  # one offset per slot for both modalities
+    c.probe_channels = d.probe_channels  # channels edited while probing positions; () = all
+    c.diversity = d.diversity  # penalty on two slots sharing probability mass
+    c.count_fraction = d.count_fraction  # hard selections counted over the last fraction
+    # Objective weights (each term divided by its value at the unperturbed tokens).
+    c.weights = ml_collections.ConfigDict(dict(d.weights))
+    c.channel_batches = d.channel_batches  # batches of per-image gradients for channel ranking
+    c.group_size = d.group_size  # channels in the STE group (paper: 3)
+    c.group = d.group  # "contiguous" window or "free" top-k
+    c.shared = True  # value of model.ste.shared written to the snippet
+    return c
+
+
+def fusion_problem(model: Any) -> tuple[TokenFn, TermsFn]:
+    """``token_fn``/``terms_fn`` for a frozen `TokFusion`; frozen = {"params", "tokenizer"}.
+
+    Tokens come from the batch's cached ``vis_tokens``/``ir_tokens`` when present, else from the
+    frozen tokenizer. The terms are the differentiable EI, AG, SF and SSIM (sum over both
+    sources) of the fused image, per image.
+    """
+    from tokfusion_jax import metrics
+
+    def token_fn(frozen: Any, batch: Batch) -> Array:
+        if "vis_tokens" in batch and "ir_tokens" in batch:
+            z_vis, z_ir = batch["vis_tokens"], batch["ir_tokens"]
+        else:
+            z_vis = model.tokens(frozen["tokenizer"], batch["vis"])
+            z_ir = model.tokens(frozen["tokenizer"], batch["ir"])
+        return jnp.stack([z_vis, z_ir], axis=1).astype(jnp.float32)  # (B, 2, N, C)
+
+    def terms_fn(frozen: Any, tokens: Array, batch: Batch) -> dict[str, Array]:
+        vis, ir = batch["vis"], batch["ir"]  # (B, H, W, 1)
+        fused, _ = model.fuse(frozen["params"], tokens[:, 0], tokens[:, 1], vis, ir)
+        values = metrics.differentiable(fused.astype(jnp.float32), vis, ir)
+        return {key: values[name] for key, name in TERM_KEYS.items()}
+
+    return token_fn, terms_fn
+
+
+def _data_batches(
+    config: ml_collections.ConfigDict, tokenizer: Any, batch_size: int, seed: int
+) -> Iterator[Batch]:
+    """An endless, seeded iterator over the run's training pairs (the trainer's pipeline)."""
+    from tokfusion_jax import trainer
+
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.data.batch_size = batch_size
+    cfg.data.seed = seed
+    cfg.data.shuffle = True
+    root = cfg.data.get("train_root") or cfg.data.root
+    source = trainer.open_source(cfg.data.dataset, root, bool(cfg.data.allow_unpaired))
+    return trainer.train_iterator(cfg, source, tokenizer, int(cfg.data.image_size))
+
+
+def probe_workdir(
+    workdir: str | os.PathLike,
+    cfg: ml_collections.ConfigDict | None = None,
+    *,
+    outdir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Probes a trained run: loads ``workdir``'s export (model and tokenizer frozen) and probes
+    on the run's training data. Writes to ``outdir`` (default ``workdir/probe``)."""
+    from tokfusion_jax import export, sharding
+
+    cfg = default_config() if cfg is None else cfg
+    settings = ProbeSettings.from_config(cfg)
+    exp = export.load_export(workdir)
+    model_cfg = exp.config.model
+    if not model_cfg.get("use_tokens", True):
+        raise ConfigError(
+            f"{workdir}: the run was trained without tokens (model.use_tokens=False); "
+            "there is nothing to probe"
+        )
+    mesh = sharding.make_mesh()
+    if cfg.batch_size % mesh.devices.size:
+        raise ConfigError(
+            f"probe batch_size={cfg.batch_size} must be divisible by the "
+            f"{mesh.devices.size} devices"
+        )
+    token_fn, terms_fn = fusion_problem(exp.model)
+    frozen = {"params": exp.params, "tokenizer": exp.tokenizer}
+    return run_probe(
+        token_fn,
+        terms_fn,
+        lambda seed: _data_batches(exp.config, exp.tokenizer, cfg.batch_size, seed),
+        settings,
+        slots=list(cfg.slots),
+        select_budget=int(cfg.select_budget),
+        outdir=pathlib.Path(outdir) if outdir else pathlib.Path(workdir) / "probe",
+        frozen=frozen,
+        mesh=mesh,
+        shared=bool(cfg.shared),
+        tokenizer_sha256=getattr(exp.tokenizer, "sha256", ""),
+        source=os.fspath(workdir),
+        progress=progress,
+    )
+
+
+def _summary(report: Mapping[str, Any], outdir: pathlib.Path) -> str:
+    lines = [f"probe outputs in {outdir}"]
+    for budget, res in report["budgets"].items():
+        lines.append(f"  {budget} slot(s): positions {res['positions']}")
+    ste = report["ste"]
+    lines.append(
+        f"  chosen (budget {report['select_budget']}): positions {ste['positions']}, "
+        f"channels {ste['channels']} (ranking {report['channels']['ranking']})"
+    )
+    lines.append(f"  snippet: {outdir / 'ste.json'}  (probe.load_ste_snippet -> config.model.ste)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    """CLI: ``python -m tokfusion_jax.probe --workdir=RUN [--slots=1,2,3,4] [--out=DIR]``."""
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from absl import flags
+
+    f = flags.FLAGS
+    if not f.workdir:
+        raise ConfigError("--workdir is required (a trained run with an export/)")
+    cfg = f.config
+    if f.slots:
+        with cfg.unlocked():
+            cfg.slots = tuple(_parse_slots(f.slots))
+    outdir = pathlib.Path(f.out) if f.out else pathlib.Path(f.workdir) / "probe"
+    report = probe_workdir(f.workdir, cfg, outdir=outdir, progress=True)
+    print(_summary(report, outdir), flush=True)
+
+
 __all__ = [
     "ChannelResult",
     "PositionResult",
     "ProbeSettings",
     "ProbeState",
-    "TokFusionError",
     "choose_group",
     "choose_positions",
+    "default_config",
+    "fusion_problem",
     "edit_tokens",
     "gumbel_softmax",
     "load_ste_snippet",
     "probe_channels",
     "probe_positions",
+    "probe_workdir",
     "run_probe",
     "ste_snippet",
     "temperature",
     "write_json",
 ]
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from tokfusion_jax.errors import cli_main
+
+    flags.DEFINE_string("workdir", None, "trained run (its export/ is loaded)")
+    flags.DEFINE_string("slots", "", "comma-separated slot budgets (default: config.slots)")
+    flags.DEFINE_string("out", "", "output folder (default: WORKDIR/probe)")
+    config_flags.DEFINE_config_dict("config", default_config(), "probe settings")
+    app.run(cli_main(main))
