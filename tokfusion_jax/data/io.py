@@ -1,0 +1,191 @@
+"""Image decoding with one-line errors: 8/16-bit, gray, gray-as-RGB, RGB, RGBA and palette.
+
+Every loader returns float32 in [0, 1]: (H, W) for single-channel files, (H, W, 3) for colour
+files (gray stored as RGB stays (H, W, 3); its luma equals the gray value). Alpha is dropped
+(the pixels are not composited). Problems with a file raise `DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from tokfusion_jax import color
+from tokfusion_jax.errors import DataError
+
+PathLike = Union[str, "os.PathLike[str]"]
+ImageRef = Union[str, "os.PathLike[str]", bytes]  # a file path, or the encoded file's bytes
+
+SUPPORTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Files that commonly sit beside images in dataset folders; they are skipped silently.
+IGNORED_EXTENSIONS = (
+    ".txt", ".md", ".json", ".csv", ".tsv", ".xml", ".yaml", ".yml", ".ini", ".db", ".html",
+)  # fmt: skip
+_PIL_FORMATS = {"PNG", "JPEG", "MPO", "BMP", "DIB", "TIFF"}
+_EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def is_image_file(name: str) -> bool:
+    """Whether a file name has a supported image extension (case-insensitive)."""
+    return os.path.splitext(name)[1].lower() in SUPPORTED_EXTENSIONS
+
+
+def is_ignored_file(name: str) -> bool:
+    """Hidden files and text/metadata files that dataset folders often carry."""
+    base = os.path.basename(name)
+    return (
+        base.startswith(".")
+        or base.lower() == "thumbs.db"
+        or os.path.splitext(base)[1].lower() in IGNORED_EXTENSIONS
+    )
+
+
+def describe(ref: ImageRef, name: str | None = None) -> str:
+    """A label for error messages: the path, or `name` for in-memory bytes."""
+    if isinstance(ref, bytes):
+        return name or f"<{len(ref)} bytes>"
+    return os.fspath(ref)
+
+
+def read_bytes(ref: ImageRef, name: str | None = None) -> bytes:
+    """The encoded bytes of an image reference; a missing or empty file is a `DataError`."""
+    if isinstance(ref, bytes):
+        data = ref
+    else:
+        path = os.fspath(ref)
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in SUPPORTED_EXTENSIONS:
+            raise DataError(
+                f"{path}: unsupported image format {ext or '(no extension)'!r}; "
+                f"supported: {', '.join(SUPPORTED_EXTENSIONS)}"
+            )
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise DataError(f"{path}: image file not found") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read image file ({e.strerror or e})") from None
+    if not data:
+        raise DataError(f"{describe(ref, name)}: zero-byte image file")
+    return data
+
+
+def sha256_of(ref: ImageRef) -> str:
+    """Hex sha256 of an image's encoded bytes (the token cache key)."""
+    return hashlib.sha256(read_bytes(ref)).hexdigest()
+
+
+def _open(data: bytes, label: str) -> Image.Image:
+    """Opens and fully decodes encoded bytes, mapping every PIL failure to a `DataError`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            fmt = im.format
+            im.load()
+    except UnidentifiedImageError:
+        raise DataError(
+            f"{label}: not a readable image (corrupt file or unsupported format)"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{label}: corrupt or truncated image ({e})") from None
+    if fmt not in _PIL_FORMATS:
+        raise DataError(f"{label}: unsupported image format {fmt}; supported: PNG, JPEG, BMP, TIFF")
+    return im
+
+
+def _to_float(im: Image.Image, label: str) -> np.ndarray:
+    """A decoded PIL image -> float32 [0, 1], (H, W) or (H, W, 3)."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        return (np.asarray(im).astype(np.float32) / 65535.0).astype(np.float32)
+    if mode == "I":  # 16-bit gray decoded into int32 by some plug-ins
+        a = np.asarray(im)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(f"{label}: unsupported 32-bit integer image (values beyond 16 bits)")
+        return (a.astype(np.float32) / 65535.0).astype(np.float32)
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        if a.size and (a.min() < 0.0 or a.max() > 1.0):
+            raise DataError(f"{label}: unsupported float image with values outside [0, 1]")
+        return np.ascontiguousarray(a)
+    if mode not in _EIGHT_BIT_MODES:
+        raise DataError(f"{label}: unsupported pixel mode {mode!r}")
+    if mode in ("1", "LA", "La"):
+        im = im.convert("L")
+    elif mode in ("P", "PA"):
+        im = im.convert("RGBA")
+    elif mode in ("CMYK", "YCbCr"):
+        im = im.convert("RGB")
+    a = np.asarray(im)
+    if a.ndim == 3:
+        a = a[..., :3]  # drop alpha / padding
+    return a.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def load_image(ref: ImageRef, name: str | None = None) -> np.ndarray:
+    """Decodes a path or encoded bytes to float32 in [0, 1]: (H, W) gray or (H, W, 3) colour.
+
+    Raises `DataError` naming the file for a missing, zero-byte, corrupt, truncated or
+    unsupported image.
+    """
+    return decode_image(read_bytes(ref, name), describe(ref, name))
+
+
+def decode_image(data: bytes, label: str) -> np.ndarray:
+    """Decodes encoded bytes (see `load_image`); `label` names the file in errors."""
+    if not data:
+        raise DataError(f"{label}: zero-byte image file")
+    return _to_float(_open(data, label), label)
+
+
+def image_size(ref: ImageRef, name: str | None = None) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    label = describe(ref, name)
+    data = read_bytes(ref, name)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            fmt = im.format
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        raise DataError(
+            f"{label}: not a readable image (corrupt file or unsupported format)"
+        ) from None
+    if fmt not in _PIL_FORMATS:
+        raise DataError(f"{label}: unsupported image format {fmt}; supported: PNG, JPEG, BMP, TIFF")
+    return h, w
+
+
+def split_luma(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) or (H, W, 3) float -> Y (H, W) and CbCr (H, W, 2); gray images get CbCr = 0.5."""
+    if image.ndim == 2:
+        return image, np.full(image.shape + (2,), 0.5, np.float32)
+    ycc = color.rgb_to_ycbcr(image)
+    return np.ascontiguousarray(ycc[..., 0]), np.ascontiguousarray(ycc[..., 1:])
+
+
+def to_luma(image: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 3) float -> Y (H, W) (BT.601 luma; gray passes through)."""
+    if image.ndim == 2:
+        return image
+    return color.rgb_to_y(image)[..., 0]
+
+
+def save_png(path: PathLike, image: np.ndarray) -> None:
+    """Writes float [0, 1] (H, W), (H, W, 1) or (H, W, 3) as an 8-bit PNG, atomically."""
+    a = np.asarray(image, np.float32)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    u8 = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    Image.fromarray(u8).save(tmp, format="PNG")
+    os.replace(tmp, path)
