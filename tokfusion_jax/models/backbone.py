@@ -1,0 +1,373 @@
+"""CDDFuse-style base/detail backbone in flax linen (NHWC).
+
+Blocks (every convolution has stride 1 and keeps the spatial size):
+
+* `Conv2d`: PyTorch-initialised convolution with groups, optional bias, zero or reflect padding.
+* `WithBiasLayerNorm`: per-pixel LayerNorm over channels (eps 1e-5, biased variance, float32).
+* `MDTA`, `GDFN`, `TransformerBlock`: the Restormer block (channel "transposed" attention).
+* `BaseFeatureExtraction`: the lite-transformer base branch (dense 3x3 qkv, grouped Mlp).
+* `InvertedResidualBlock`, `DetailNode`, `DetailFeatureExtraction`: the INN detail branch, with
+  an exact `inverse`.
+* `Encoder`: [patch_embed] -> TransformerBlocks -> (base, detail) in parallel.
+* `Decoder`: concat -> 1x1 reduce -> TransformerBlocks -> 3x3, LeakyReLU, 3x3 -> + residual ->
+  sigmoid.
+
+Parameters are float32; `dtype` is the compute dtype. LayerNorm statistics, the l2
+normalisation of q/k and the softmax run in float32. Biases are exactly where CDDFuse has them
+(only the DetailNode's 1x1 "shuffle" conv has one in the backbone). Initialisation follows
+PyTorch's defaults: weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+LN_EPS = 1e-5
+L2_EPS = 1e-12
+
+
+def torch_uniform(fan_in: int) -> nn.initializers.Initializer:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for conv/linear weights and biases."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Conv2d(nn.Module):
+    """k x k convolution, stride 1, 'same' output size. Kernel (k, k, C_in / groups, features)."""
+
+    features: int
+    kernel_size: int = 1
+    groups: int = 1
+    use_bias: bool = False
+    padding: str = "zeros"  # "zeros" | "reflect"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, H, W, C_in) -> (B, H, W, features)
+        c_in = x.shape[-1]
+        k = self.kernel_size
+        if c_in % self.groups or self.features % self.groups:
+            raise ValueError(f"Conv2d: {c_in} -> {self.features} not divisible by {self.groups}")
+        fan_in = c_in // self.groups * k * k
+        kernel = self.param(
+            "kernel", torch_uniform(fan_in), (k, k, c_in // self.groups, self.features)
+        )
+        pad = k // 2
+        if self.padding == "reflect" and pad:
+            x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+            padding = "VALID"
+        elif self.padding in ("zeros", "reflect"):
+            padding = ((pad, pad), (pad, pad))
+        else:
+            raise ValueError(f"Conv2d: unknown padding {self.padding!r}")
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            window_strides=(1, 1),
+            padding=padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups,
+        )
+        if self.use_bias:
+            bias = self.param("bias", torch_uniform(fan_in), (self.features,))
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class WithBiasLayerNorm(nn.Module):
+    """Restormer 'WithBias' LayerNorm over the channel axis, computed in float32."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, H, W, C)
+        c = x.shape[-1]
+        weight = self.param("weight", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(axis=-1, keepdims=True)
+        var = jnp.mean((x32 - mean) ** 2, axis=-1, keepdims=True)  # biased
+        y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * weight + bias
+        return y.astype(self.dtype)
+
+
+def channel_attention(q: Array, k: Array, v: Array, temperature: Array, heads: int) -> Array:
+    """Transposed (channel-to-channel) attention per head, as MDTA computes it.
+
+    q, k, v: (B, H, W, C) with C = heads * c; temperature: (heads,). q and k are l2-normalised
+    over the spatial axis (eps 1e-12) in float32; the softmax runs in float32 over the last axis
+    of (q k^T) * temperature (B, heads, c, c). Returns (B, H, W, C) in v's dtype.
+    """
+    b, h, w, c = q.shape
+    dtype = v.dtype
+
+    def split(t: Array) -> Array:  # (B, H, W, C) -> (B, H*W, heads, c)
+        return t.reshape(b, h * w, heads, c // heads)
+
+    def l2n(t: Array) -> Array:
+        t = t.astype(jnp.float32)
+        norm = jnp.sqrt(jnp.sum(t * t, axis=1, keepdims=True))
+        return (t / jnp.maximum(norm, L2_EPS)).astype(dtype)
+
+    qh, kh, vh = l2n(split(q)), l2n(split(k)), split(v)
+    logits = jnp.einsum("bnhc,bnhd->bhcd", qh, kh, preferred_element_type=jnp.float32)
+    logits = logits * temperature.astype(jnp.float32)[None, :, None, None]
+    attn = jax.nn.softmax(logits, axis=-1).astype(dtype)  # (B, heads, c, c)
+    out = jnp.einsum("bhcd,bnhd->bnhc", attn, vh)
+    return out.reshape(b, h, w, c)
+
+
+class MDTA(nn.Module):
+    """Multi-Dconv-head transposed attention: 1x1 qkv, depthwise 3x3, channel attention, 1x1."""
+
+    dim: int
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, H, W, dim)
+        temperature = self.param("temperature", nn.initializers.ones, (self.heads,))
+        qkv = Conv2d(3 * self.dim, 1, dtype=self.dtype, name="qkv")(x)
+        qkv = Conv2d(3 * self.dim, 3, groups=3 * self.dim, dtype=self.dtype, name="qkv_dwconv")(qkv)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        out = channel_attention(q, k, v, temperature, self.heads)
+        return Conv2d(self.dim, 1, dtype=self.dtype, name="project_out")(out)
+
+
+def gated_gelu(x: Array) -> Array:
+    """Splits channels into halves (x1, x2) and returns GELU(x1) * x2 with the exact (erf) GELU."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return nn.gelu(x1, approximate=False) * x2
+
+
+class GDFN(nn.Module):
+    """Gated-Dconv feed-forward: 1x1 (dim -> 2h), depthwise 3x3, GELU gate, 1x1 (h -> dim)."""
+
+    dim: int
+    expansion: float = 2.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, H, W, dim)
+        hidden = int(self.dim * self.expansion)
+        x = Conv2d(2 * hidden, 1, dtype=self.dtype, name="project_in")(x)
+        x = Conv2d(2 * hidden, 3, groups=2 * hidden, dtype=self.dtype, name="dwconv")(x)
+        return Conv2d(self.dim, 1, dtype=self.dtype, name="project_out")(gated_gelu(x))
+
+
+class TransformerBlock(nn.Module):
+    """Restormer block: x + MDTA(LN(x)), then x + GDFN(LN(x))."""
+
+    dim: int
+    heads: int
+    expansion: float = 2.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, H, W, dim)
+        x = x.astype(self.dtype)
+        x = x + MDTA(self.dim, self.heads, self.dtype, name="attn")(
+            WithBiasLayerNorm(self.dtype, name="norm1")(x)
+        )
+        return x + GDFN(self.dim, self.expansion, self.dtype, name="ffn")(
+            WithBiasLayerNorm(self.dtype, name="norm2")(x)
+        )
+
+
+class AttentionBase(nn.Module):
+    """Base-branch attention: 1x1 qkv, *dense* 3x3 conv, channel attention, 1x1 projection."""
+
+    dim: int
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, H, W, dim)
+        scale = self.param("scale", nn.initializers.ones, (self.heads,))
+        qkv = Conv2d(3 * self.dim, 1, dtype=self.dtype, name="qkv1")(x)
+        qkv = Conv2d(3 * self.dim, 3, dtype=self.dtype, name="qkv2")(qkv)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        out = channel_attention(q, k, v, scale, self.heads)
+        return Conv2d(self.dim, 1, dtype=self.dtype, name="proj")(out)
+
+
+class GroupedMlp(nn.Module):
+    """Base-branch Mlp (expansion 1): 1x1 (dim -> 2 dim), 3x3 with groups=dim, gate, 1x1."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, H, W, dim)
+        hidden = self.dim
+        x = Conv2d(2 * hidden, 1, dtype=self.dtype, name="project_in")(x)
+        x = Conv2d(2 * hidden, 3, groups=hidden, dtype=self.dtype, name="dwconv")(x)
+        return Conv2d(self.dim, 1, dtype=self.dtype, name="project_out")(gated_gelu(x))
+
+
+class BaseFeatureExtraction(nn.Module):
+    """Lite-transformer base branch: x + AttentionBase(LN(x)), then x + GroupedMlp(LN(x))."""
+
+    dim: int
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, H, W, dim)
+        x = x.astype(self.dtype)
+        x = x + AttentionBase(self.dim, self.heads, self.dtype, name="attn")(
+            WithBiasLayerNorm(self.dtype, name="norm1")(x)
+        )
+        return x + GroupedMlp(self.dim, self.dtype, name="mlp")(
+            WithBiasLayerNorm(self.dtype, name="norm2")(x)
+        )
+
+
+class InvertedResidualBlock(nn.Module):
+    """1x1 (c -> 2c), ReLU6, reflect-padded depthwise 3x3, ReLU6, 1x1 (2c -> c); no bias."""
+
+    features: int
+    expand_ratio: int = 2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # (B, H, W, c_in) -> (B, H, W, features)
+        hidden = x.shape[-1] * self.expand_ratio
+        x = jax.nn.relu6(Conv2d(hidden, 1, dtype=self.dtype, name="expand")(x))
+        x = Conv2d(hidden, 3, groups=hidden, padding="reflect", dtype=self.dtype, name="dw")(x)
+        return Conv2d(self.features, 1, dtype=self.dtype, name="project")(jax.nn.relu6(x))
+
+
+class DetailNode(nn.Module):
+    """One affine-coupling INN layer on the halves (z1, z2), each (B, H, W, dim / 2).
+
+    forward: (z1, z2) <- split(shuffle(concat(z1, z2))); z2 += phi(z1);
+             z1 <- z1 * exp(rho(z2)) + eta(z2)   (with the updated z2).
+    `inverse` undoes it exactly (up to float rounding).
+    """
+
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        half = self.dim // 2
+        self.shuffle = Conv2d(self.dim, 1, use_bias=True, dtype=self.dtype)
+        self.phi = InvertedResidualBlock(half, dtype=self.dtype)
+        self.rho = InvertedResidualBlock(half, dtype=self.dtype)
+        self.eta = InvertedResidualBlock(half, dtype=self.dtype)
+
+    def __call__(self, z1: Array, z2: Array) -> tuple[Array, Array]:
+        z1, z2 = jnp.split(self.shuffle(jnp.concatenate([z1, z2], axis=-1)), 2, axis=-1)
+        z2 = z2 + self.phi(z1)
+        z1 = z1 * jnp.exp(self.rho(z2)) + self.eta(z2)
+        return z1, z2
+
+    def inverse(self, z1: Array, z2: Array) -> tuple[Array, Array]:
+        """Inverts `__call__`: returns the (z1, z2) that produced the given outputs."""
+        z1 = (z1 - self.eta(z2)) * jnp.exp(-self.rho(z2))
+        z2 = z2 - self.phi(z1)
+        y = jnp.concatenate([z1, z2], axis=-1).astype(jnp.float32)
+        # The shuffle conv is y = x W + b with W (dim, dim): x = (y - b) W^-1.
+        params = self.shuffle.variables["params"]
+        w = params["kernel"][0, 0].astype(jnp.float32)  # (dim_in, dim_out)
+        x = (y - params["bias"]) @ jnp.linalg.inv(w)
+        z1, z2 = jnp.split(x.astype(self.dtype), 2, axis=-1)
+        return z1, z2
+
+
+class DetailFeatureExtraction(nn.Module):
+    """INN detail branch: split channels in halves, `num_layers` DetailNodes, concat."""
+
+    dim: int
+    num_layers: int = 3
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.nodes = [DetailNode(self.dim, self.dtype) for _ in range(self.num_layers)]
+
+    def __call__(self, x: Array) -> Array:  # (B, H, W, dim)
+        z1, z2 = jnp.split(x.astype(self.dtype), 2, axis=-1)
+        for node in self.nodes:
+            z1, z2 = node(z1, z2)
+        return jnp.concatenate([z1, z2], axis=-1)
+
+    def inverse(self, y: Array) -> Array:
+        """Inverts `__call__` (B, H, W, dim) -> (B, H, W, dim)."""
+        z1, z2 = jnp.split(y.astype(self.dtype), 2, axis=-1)
+        for node in reversed(self.nodes):
+            z1, z2 = node.inverse(z1, z2)
+        return jnp.concatenate([z1, z2], axis=-1)
+
+
+class Encoder(nn.Module):
+    """Shared encoder: features -> `blocks` TransformerBlocks -> (base, detail) in parallel.
+
+    With `patch_embed`, a 3x3 conv (1 -> dim, no bias) embeds the image; `features` (the
+    token-induced map) is then added to it when given. Without it, `features` is the input.
+    """
+
+    dim: int = 64
+    heads: int = 8
+    expansion: float = 2.0
+    blocks: int = 4
+    detail_layers: int = 3
+    patch_embed: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, image: Array, features: Array | None = None) -> tuple[Array, Array]:
+        """image (B, H, W, 1), features (B, H, W, dim) or None -> base, detail (B, H, W, dim)."""
+        if self.patch_embed:
+            x = Conv2d(self.dim, 3, dtype=self.dtype, name="patch_embed")(image)
+            if features is not None:
+                x = x + features.astype(self.dtype)
+        elif features is None:
+            raise ValueError("Encoder without patch_embed needs the token-induced features")
+        else:
+            x = features.astype(self.dtype)
+        for i in range(self.blocks):
+            x = TransformerBlock(
+                self.dim, self.heads, self.expansion, self.dtype, name=f"level1_{i}"
+            )(x)
+        base = BaseFeatureExtraction(self.dim, self.heads, self.dtype, name="base")(x)
+        detail = DetailFeatureExtraction(self.dim, self.detail_layers, self.dtype, name="detail")(x)
+        return base, detail
+
+
+class Decoder(nn.Module):
+    """Residual decoder: sigmoid(head(blocks(reduce([base, detail]))) + residual), float32 out."""
+
+    dim: int = 64
+    heads: int = 8
+    expansion: float = 2.0
+    blocks: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, base: Array, detail: Array, residual: Array | None = None) -> Array:
+        """base, detail (B, H, W, dim); residual (B, H, W, 1) or None -> image (B, H, W, 1)."""
+        x = jnp.concatenate([base.astype(self.dtype), detail.astype(self.dtype)], axis=-1)
+        x = Conv2d(self.dim, 1, dtype=self.dtype, name="reduce_channel")(x)
+        for i in range(self.blocks):
+            x = TransformerBlock(
+                self.dim, self.heads, self.expansion, self.dtype, name=f"level2_{i}"
+            )(x)
+        x = Conv2d(self.dim // 2, 3, dtype=self.dtype, name="head_0")(x)
+        x = nn.leaky_relu(x, negative_slope=0.01)
+        x = Conv2d(1, 3, dtype=self.dtype, name="head_1")(x).astype(jnp.float32)
+        if residual is not None:
+            x = x + residual.astype(jnp.float32)
+        return jax.nn.sigmoid(x)
