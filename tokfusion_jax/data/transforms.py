@@ -70,9 +70,9 @@ class DecodePair(grain.transforms.Map):
     """record {"name", "vis", "ir"} -> {"name", "vis" (H,W,1), "ir" (H,W,1), ...} float32.
 
     Decodes both images, checks their sizes, takes the BT.601 luma, resizes to `image_size`
-    (None keeps the native size) and, with `keep_color`, adds each image's chroma
-    ("vis_cbcr", "ir_cbcr": (H, W, 2); 0.5 for gray images). With a `token_cache`, adds the
-    cached tokens of both images ("vis_tokens", "ir_tokens": (N, C)).
+    (None keeps the native size; a resize is clipped to [0, 1]) and, with `keep_color`, adds
+    each image's chroma ("vis_cbcr", "ir_cbcr": (H, W, 2); 0.5 for gray images). With a
+    `token_cache`, adds the cached tokens of both images ("vis_tokens", "ir_tokens": (N, C)).
     """
 
     image_size: tuple[int, int] | None = (256, 256)
@@ -105,11 +105,12 @@ class DecodePair(grain.transforms.Map):
             else:
                 y, cbcr = imio.to_luma(image), None
             if self.image_size is not None:
-                y = resize(y, self.image_size)
+                y = np.clip(resize(y, self.image_size), 0.0, 1.0)  # bicubic overshoots
             out[slot] = y[..., None]  # (H, W, 1)
+            if cbcr is not None and self.image_size is not None:
+                cbcr = np.clip(resize(cbcr, self.image_size), 0.0, 1.0)
             if cbcr is not None:
-                size = self.image_size or y.shape[:2]
-                out[f"{slot}_cbcr"] = resize(cbcr, size)  # (H, W, 2)
+                out[f"{slot}_cbcr"] = cbcr  # (H, W, 2)
         return out
 
 
