@@ -1,0 +1,119 @@
+"""Settings shared by every training config (the paper's setting, section 5.1 and appendix B).
+
+Not a config file by itself: `configs/ivif.py` and `configs/mif.py` build on `base_config()`.
+Every key is documented where it is set; command-line overrides look like
+``--config.optim.lr=3e-4``. Unknown keys and values of the wrong type are refused when the flags
+are parsed; out-of-range values are refused by `tokfusion_jax.trainer.validate_config` before
+anything runs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from tokfusion_jax.data.config import data_config
+from tokfusion_jax.losses import loss_weights_config
+from tokfusion_jax.models.config import model_config
+
+# Placeholder meaning "not set": the run refuses to start until it is given.
+UNSET = ""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The paper's two-stage recipe; dataset and tokenizer paths are left to the task config."""
+    c = ml_collections.ConfigDict()
+
+    # Frozen tokenizer: a converted TiTok checkpoint directory (python -m convert ...). The paper
+    # uses TiTok-L-32 (32 tokens x 12 dims). Required unless `random_tiny` is set.
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = UNSET
+    # True: create a tiny tokenizer with RANDOM weights (titok.create) and save it in
+    # <workdir>/tokenizer. Only for demos and tests: its tokens carry no pretrained meaning.
+    c.tokenizer.random_tiny = False
+    c.tokenizer.random_tiny_image_size = 64  # image side of that random tokenizer
+
+    c.model = model_config()
+    # Mixed precision: bfloat16 compute, float32 parameters, losses and metrics.
+    c.model.dtype = "bfloat16"
+
+    c.data = data_config()
+    c.data.image_size = 256  # every image is resized to 256x256 (appendix B.3)
+    c.data.batch_size = 8  # global batch over all devices and processes
+
+    # Validation pass on config.data.val_root (fusion metrics, plus losses); no validation when
+    # that root is empty.
+    c.val = ml_collections.ConfigDict()
+    # Preset of the validation folder config.data.val_root (tokfusion_jax.data.sources).
+    c.val.dataset = UNSET
+    c.val.batch_size = 8
+    c.val.max_pairs = 50  # at most this many pairs per validation pass (0 = all)
+    c.val.every_steps = 0  # 0 = at the end of every epoch; -1 = only at the end of training
+
+    c.loss = loss_weights_config()
+
+    # Adam per top-level module (CDDFuse builds one optimiser per module), each with its own
+    # gradient clipping and StepLR schedule; the fusion layers' schedule starts at stage II.
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 0.01  # L2 norm per module (torch clip_grad_norm_); 0 = no clipping
+    c.optim.decay_every_epochs = 20
+    c.optim.decay_factor = 0.5
+    c.optim.min_lr = 1e-6
+
+    c.train = ml_collections.ConfigDict()
+    c.train.stage1_epochs = 40  # reconstruction warm-up
+    c.train.stage2_epochs = 80  # fusion training
+    # Steps per epoch; 0 = one pass over the training set (len(dataset) // batch_size).
+    c.train.steps_per_epoch = 0
+    c.train.seed = 0  # parameter init and the per-step rng (fold_in(step))
+    c.train.log_every_steps = 50  # metrics fetched from the device, metrics.jsonl, progress bar
+    c.train.image_every_steps = 1000  # TensorBoard grid of vis / ir / fused validation images
+    c.train.checkpoint_every_steps = 1000
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoints = True
+    c.train.export = True  # write the inference export at the end
+    # Fuse the validation pairs at the end and print a metrics table against average / max
+    # fusion (the demo's report).
+    c.train.demo_report = False
+    # Testing aid: make the loss NaN from this step on (-1 = never).
+    c.train.debug_nan_step = -1
+
+    # Device mesh: data x fsdp must equal the device count; -1 = all remaining devices. fsdp > 1
+    # splits the frozen tokenizer's parameters (only used when tokens are not cached).
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+
+    # Start a new run from another run's weights (its workdir, checkpoints/ or export/).
+    c.init_from = UNSET
+    return c
+
+
+def shrink_to_tiny(c: ml_collections.ConfigDict, image_size: int = 32) -> None:
+    """Shrinks a config in place to a seconds-scale model (tests, smoke runs), float32 on CPU."""
+    c.tokenizer.random_tiny = True
+    c.tokenizer.random_tiny_image_size = image_size
+    c.model.dim = 8
+    c.model.heads = 2
+    c.model.enc_blocks = 1
+    c.model.dec_blocks = 1
+    c.model.detail_layers = 1
+    c.model.fuse_detail_layers = 1
+    c.model.coarse_size = max(image_size // 8, 4)
+    c.model.tokens.input_size = image_size
+    c.model.dtype = "float32"
+    c.data.image_size = image_size
+    c.data.batch_size = 8
+    c.val.batch_size = 8
+    c.val.max_pairs = 8
+    c.train.stage1_epochs = 2
+    c.train.stage2_epochs = 2
+    c.train.steps_per_epoch = 2
+    c.train.log_every_steps = 2
+    c.train.image_every_steps = 4
+    c.train.checkpoint_every_steps = 4
+    c.train.async_checkpoints = False

@@ -1,0 +1,41 @@
+"""A 2-variant seconds-scale sweep (STE on / off) on the packaged samples: tests and smoke runs.
+
+python -m tokfusion_jax.sweep --sweep=configs/sweeps/tiny.py --workdir=/tmp/sweep_tiny
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from tokfusion_jax.sweep import dataset, variant
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """``arg`` is unused."""
+    del arg
+    c = ml_collections.ConfigDict()
+    c.name = "tiny sweep (packaged samples, random tiny tokenizer)"
+    c.base = "ivif.py:demo"
+    c.overrides = (
+        ("model.dim", 8),
+        ("data.batch_size", 4),
+        ("val.batch_size", 4),
+        ("train.steps_per_epoch", 1),
+        ("train.stage1_epochs", 1),
+        ("train.stage2_epochs", 1),
+        ("train.log_every_steps", 1),
+        ("train.checkpoint_every_steps", 1),
+        ("train.image_every_steps", 1000),
+        ("train.async_checkpoints", False),
+        ("train.demo_report", False),
+        ("val.dataset", ""),
+    )
+    c.variants = (
+        variant("ste", "with STE", {"model.use_ste": True}),
+        variant("no_ste", "w/o STE", {"model.use_ste": False}),
+    )
+    c.eval = (dataset("samples", "samples", "", max_pairs=2),)
+    c.eval_image_size = 64
+    c.columns = ("EN", "SD", "SCD", "SSIM", "EI", "SF", "AG")
+    c.vars = ml_collections.ConfigDict()
+    return c

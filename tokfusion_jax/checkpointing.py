@@ -1,0 +1,200 @@
+"""Training checkpoints: orbax `CheckpointManager` in ``<workdir>/checkpoints``.
+
+Each step directory holds three items, written together and atomically (orbax writes to a
+temporary directory and renames it when every item is complete):
+
+* ``state`` -- the trainable parameters, the optimiser state and the step (a pytree);
+* ``meta``  -- JSON: stage, step, epoch, the config, the tokenizer's path and sha256;
+* ``data``  -- JSON: the data iterator's state (dict, or bytes as base64), so that a restarted
+  run sees exactly the batches an uninterrupted run would have seen.
+
+The frozen tokenizer is never saved here (only its path and hash). The trainer checks that a
+state is finite before it calls `CheckpointManager.save`; this module never writes anything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from tokfusion_jax.errors import CheckpointError
+
+PyTree = Any
+
+
+def encode_iterator_state(state: Any) -> dict[str, Any]:
+    """A grain iterator state (dict or bytes) as a JSON-serialisable dict."""
+    if state is None:
+        return {"kind": "none"}
+    if isinstance(state, bytes | bytearray):
+        return {"kind": "bytes", "value": base64.b64encode(bytes(state)).decode("ascii")}
+    try:
+        json.dumps(state)
+    except TypeError as e:
+        raise CheckpointError(f"data iterator state is not JSON-serialisable: {e}") from None
+    return {"kind": "json", "value": state}
+
+
+def decode_iterator_state(blob: Mapping[str, Any]) -> Any:
+    """Inverse of `encode_iterator_state`."""
+    kind = blob.get("kind")
+    if kind == "none":
+        return None
+    if kind == "bytes":
+        return base64.b64decode(blob["value"])
+    if kind == "json":
+        return blob["value"]
+    raise CheckpointError(f"unknown data iterator state kind {kind!r} in checkpoint")
+
+
+class Checkpointer:
+    """Save / restore of training states in ``<workdir>/checkpoints`` with keep-last-K."""
+
+    def __init__(self, directory: str | pathlib.Path, keep: int = 3, use_async: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=use_async,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta", "data")
+        )
+
+    def latest_step(self) -> int | None:
+        """Step of the newest complete checkpoint, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of every complete checkpoint, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def step_path(self, step: int) -> pathlib.Path:
+        """Directory of the checkpoint at `step`."""
+        return self.directory / str(step)
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        meta: Mapping[str, Any],
+        iterator_state: Any = None,
+        *,
+        force: bool = True,
+    ) -> bool:
+        """Starts saving (asynchronously when enabled); returns whether a save was started."""
+        if step in self.manager.all_steps():
+            return False
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave(dict(meta)),
+                data=ocp.args.JsonSave(encode_iterator_state(iterator_state)),
+            ),
+            force=force,
+        )
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata of a checkpoint (latest by default)."""
+        step = self._resolve(step)
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[PyTree, dict, Any]:
+        """Restores (state, meta, iterator_state); ``abstract_state`` fixes shapes and shardings."""
+        step = self._resolve(step)
+        try:
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    meta=ocp.args.JsonRestore(),
+                    data=ocp.args.JsonRestore(),
+                ),
+            )
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(
+                f"cannot restore {self.step_path(step)}: it does not match this model/config "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
+        return out["state"], dict(out["meta"]), decode_iterator_state(out["data"])
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are complete."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes pending saves and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _resolve(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {self.directory}")
+        return step
+
+
+def abstract_like(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
+    """ShapeDtypeStructs (with shardings when given) describing ``tree`` for a restore."""
+    if shardings is None:
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            tree,
+        )
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def restore_params(source: str | pathlib.Path, abstract_params: PyTree | None = None) -> PyTree:
+    """Trainable parameters from another run (``--config.init_from``).
+
+    ``source`` may be a run's workdir, its ``checkpoints`` directory, one step directory, or an
+    inference export directory. Returns a dict of top-level modules (host arrays).
+    """
+    path = pathlib.Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"init_from={source}: no such file or directory")
+    candidates = [path / "export" / "params", path / "params"]
+    for params_dir in candidates:
+        if params_dir.is_dir():
+            return _restore_plain(params_dir)
+    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    state_dir = None
+    if (ckpt_dir / "state").is_dir():
+        state_dir = ckpt_dir / "state"
+    else:
+        steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+        if steps:
+            state_dir = ckpt_dir / str(steps[-1]) / "state"
+    if state_dir is None or not state_dir.is_dir():
+        raise CheckpointError(
+            f"init_from={source}: found neither an export (export/params) nor a checkpoint "
+            "(checkpoints/<step>/state)"
+        )
+    tree = _restore_plain(state_dir)
+    if not isinstance(tree, Mapping) or "params" not in tree:
+        raise CheckpointError(f"init_from={source}: {state_dir} holds no 'params' entry")
+    logging.info("init_from: parameters from %s", state_dir)
+    return tree["params"]
+
+
+def _restore_plain(directory: pathlib.Path) -> PyTree:
+    """Restores a pytree saved with StandardSave as host numpy arrays, no target needed."""
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            restored = ckptr.restore(directory)
+        except (ValueError, FileNotFoundError) as e:
+            raise CheckpointError(f"cannot read parameters from {directory}: {e}") from None
+    return jax.tree_util.tree_map(jax.device_get, restored)

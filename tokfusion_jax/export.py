@@ -1,0 +1,185 @@
+"""Inference export: the trained parameters, the config and the tokenizer they were trained with.
+
+Layout of ``<workdir>/export``::
+
+    params/       orbax checkpoint of the trainable tree (float32)
+    config.json   the full training config
+    export.json   format version, tokenizer path (absolute and relative to this folder) + sha256
+
+`load_export` returns a `FusionExport` whose ``fuse(vis, ir)`` fuses batches of any size. The
+tokenizer is loaded from the recorded path (or the one given) and must have the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from tokfusion_jax.errors import CheckpointError
+from tokfusion_jax.models import titok
+from tokfusion_jax.models.fusion import TokFusion
+
+FORMAT_VERSION = 1
+EXPORT_DIRNAME = "export"
+
+
+def save_export(
+    workdir: str | os.PathLike,
+    config: ml_collections.ConfigDict,
+    params: Any,
+    tokenizer: titok.Tokenizer,
+    tokenizer_path: str | os.PathLike | None = None,
+) -> pathlib.Path:
+    """Writes ``<workdir>/export`` atomically (a complete new export replaces an old one)."""
+    workdir = pathlib.Path(workdir).absolute()
+    final = workdir / EXPORT_DIRNAME
+    tok_path = pathlib.Path(tokenizer_path or config.tokenizer.path).absolute()
+    host_params = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
+    if jax.process_index() != 0:
+        return final
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".export-tmp-", dir=workdir))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", host_params)
+            ckptr.wait_until_finished()
+        (tmp / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        record = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer": {
+                "path": str(tok_path),
+                "relative_path": os.path.relpath(tok_path, final),
+                "sha256": tokenizer.sha256,
+            },
+            "num_params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(host_params))),
+            "modules": sorted(host_params),
+        }
+        (tmp / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+        old = None
+        if final.exists():
+            old = workdir / f".export-old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def find_export(path: str | os.PathLike) -> pathlib.Path:
+    """The export directory for a workdir or an export directory (CheckpointError if none)."""
+    path = pathlib.Path(path).expanduser().absolute()
+    for candidate in (path, path / EXPORT_DIRNAME):
+        if (candidate / "export.json").is_file():
+            return candidate
+    raise CheckpointError(
+        f"{path}: no inference export found (expected export.json there or in {EXPORT_DIRNAME}/)"
+    )
+
+
+@dataclasses.dataclass
+class FusionExport:
+    """A trained model ready for inference."""
+
+    model: TokFusion
+    params: Any
+    config: ml_collections.ConfigDict
+    tokenizer: titok.Tokenizer
+    path: pathlib.Path | None = None
+
+    def fuse(self, vis: Any, ir: Any) -> np.ndarray:
+        """Fuses gray pairs: (B, H, W, 1), (B, H, W) or (H, W) floats in [0, 1], any H, W.
+
+        Returns float32 (B, H, W, 1) in [0, 1].
+        """
+        vis, ir = _as_batch(vis, "vis"), _as_batch(ir, "ir")
+        if vis.shape != ir.shape:
+            raise ValueError(f"vis {vis.shape} and ir {ir.shape} must have the same shape")
+        fused = _fuse_jit(
+            self.model, self.params, self.tokenizer, jnp.asarray(vis), jnp.asarray(ir)
+        )
+        return np.clip(np.asarray(jax.device_get(fused), np.float32), 0.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _fuse_jit(model: TokFusion, params: Any, tokenizer: Any, vis: jax.Array, ir: jax.Array):
+    return model.fuse_images(params, tokenizer, vis, ir)
+
+
+def _as_batch(x: Any, name: str) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    if x.ndim == 2:
+        x = x[None, ..., None]
+    elif x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] != 1:
+        raise ValueError(f"{name}: expected (B, H, W, 1), (B, H, W) or (H, W); got {x.shape}")
+    return x
+
+
+def load_export(
+    path: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | None = None,
+    dtype: str | None = None,
+) -> FusionExport:
+    """Loads an export written by `save_export` (path: a workdir or its export directory).
+
+    ``tokenizer_path`` overrides the recorded tokenizer location; ``dtype`` the compute dtype.
+    """
+    export_dir = find_export(path)
+    try:
+        record = json.loads((export_dir / "export.json").read_text())
+        config = ml_collections.ConfigDict(json.loads((export_dir / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{export_dir}: unreadable export metadata ({e})") from None
+    if record.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{export_dir}/export.json: format_version {record.get('format_version')!r}, "
+            f"expected {FORMAT_VERSION}"
+        )
+    if dtype is not None:
+        config.model.dtype = dtype
+    tok = _load_tokenizer(export_dir, record["tokenizer"], tokenizer_path)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(export_dir / "params")
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(f"{export_dir}/params: cannot restore ({e})") from None
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return FusionExport(
+        model=TokFusion(config.model), params=params, config=config, tokenizer=tok, path=export_dir
+    )
+
+
+def _load_tokenizer(export_dir: pathlib.Path, rec: dict, override) -> titok.Tokenizer:
+    if override is not None:
+        candidates = [pathlib.Path(override).expanduser()]
+    else:
+        candidates = [export_dir / rec.get("relative_path", ""), pathlib.Path(rec["path"])]
+    for cand in candidates:
+        if (cand / "tokenizer.json").is_file():
+            tok = titok.load(cand)
+            if rec.get("sha256") and tok.sha256 != rec["sha256"]:
+                raise CheckpointError(
+                    f"tokenizer at {cand} has sha256 {tok.sha256[:12]}..., but the export was "
+                    f"trained with {rec['sha256'][:12]}...; pass the matching tokenizer"
+                )
+            return tok
+    raise CheckpointError(
+        f"{export_dir}: the tokenizer it was trained with is not at {rec['path']}; pass its "
+        "location explicitly (tokenizer_path=... / --tokenizer=...)"
+    )

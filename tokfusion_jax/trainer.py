@@ -1,0 +1,885 @@
+"""Two-stage training: state, the pure sharded train step, and the loop.
+
+Usable from notebooks: ``trainer.train_and_evaluate(config, workdir)``. The CLI
+(``python -m tokfusion_jax.train``) only parses flags and calls it.
+
+Stage I trains the token interface, encoder and decoder to reconstruct each modality; at
+``stage1_epochs`` the fusion layers are added (with fresh optimiser states whose schedules start
+there) and stage II trains everything on the fusion loss. The frozen tokenizer is a separate
+pytree (``frozen``): no gradient, no optimiser state, never donated, never checkpointed.
+
+The train state is a dict ``{"params", "opt_state", "step", "nonfinite_step"}``.
+``nonfinite_step`` is -1 while every loss and gradient has been finite; the first step that is not
+records itself there and from then on the step leaves parameters and optimiser state untouched.
+The host reads it only when it fetches metrics (every ``log_every_steps``) and before every
+checkpoint, so the loop never waits on the device otherwise.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tokfusion_jax import checkpointing, losses, optim
+from tokfusion_jax import sharding as shd
+from tokfusion_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from tokfusion_jax.models import titok
+from tokfusion_jax.models.fusion import TokFusion
+
+PyTree = Any
+State = dict[str, Any]
+SAMPLES = "samples"  # dataset preset of the pairs packaged with tokfusion_jax (root "" = IVIF)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration checks
+# ----------------------------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses out-of-range values before anything runs (ConfigError naming the key)."""
+
+    def need(cond: bool, key: str, value: Any, expected: str) -> None:
+        if not cond:
+            raise ConfigError(f"config.{key}={value!r}: expected {expected}")
+
+    o, t, d = config.optim, config.train, config.data
+    need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a positive learning rate")
+    need(o.min_lr >= 0, "optim.min_lr", o.min_lr, ">= 0")
+    need(0 < o.decay_factor <= 1, "optim.decay_factor", o.decay_factor, "in (0, 1]")
+    need(o.decay_every_epochs >= 1, "optim.decay_every_epochs", o.decay_every_epochs, ">= 1")
+    need(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, ">= 0 (0 = no clipping)")
+    need(0 <= o.b1 < 1, "optim.b1", o.b1, "in [0, 1)")
+    need(0 <= o.b2 < 1, "optim.b2", o.b2, "in [0, 1)")
+    need(o.eps > 0, "optim.eps", o.eps, "> 0")
+    need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    need(t.stage1_epochs >= 0, "train.stage1_epochs", t.stage1_epochs, ">= 0")
+    need(t.stage2_epochs >= 0, "train.stage2_epochs", t.stage2_epochs, ">= 0")
+    need(
+        t.stage1_epochs + t.stage2_epochs > 0,
+        "train.stage2_epochs",
+        t.stage2_epochs,
+        "> 0 when stage1_epochs is 0",
+    )
+    need(t.steps_per_epoch >= 0, "train.steps_per_epoch", t.steps_per_epoch, ">= 0")
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        need(t[key] >= 1, f"train.{key}", t[key], ">= 1")
+    need(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
+    need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
+    need(config.val.batch_size >= 1, "val.batch_size", config.val.batch_size, ">= 1")
+    tok = config.tokenizer
+    if not tok.path and not tok.random_tiny:
+        raise ConfigError(
+            "config.tokenizer.path is not set: convert a TiTok checkpoint (python -m convert "
+            "titok ...) and pass --config.tokenizer.path=DIR (or set tokenizer.random_tiny=True "
+            "for a random-weight demo tokenizer)"
+        )
+    if tok.path and not pathlib.Path(tok.path).expanduser().is_dir():
+        raise ConfigError(f"config.tokenizer.path={tok.path}: no such directory")
+    train_root = d.train_root or d.root
+    if not train_root and d.dataset != SAMPLES:
+        raise ConfigError(
+            f"config.data.root is not set: point it at the {d.dataset or 'training'} folder "
+            "(--config.data.root=DIR)"
+        )
+    for key, value in (
+        ("data.train_root" if d.train_root else "data.root", train_root),
+        ("data.val_root", d.val_root),
+    ):
+        if value and not pathlib.Path(value).expanduser().exists():
+            raise ConfigError(f"config.{key}={value}: no such file or directory")
+    if d.token_cache and not pathlib.Path(d.token_cache).expanduser().is_dir():
+        raise ConfigError(f"config.data.token_cache={d.token_cache}: no such directory")
+    if config.init_from and not pathlib.Path(config.init_from).expanduser().exists():
+        raise ConfigError(f"config.init_from={config.init_from}: no such file or directory")
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure train step
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """Everything static a train step closes over (hashable by identity for jit)."""
+
+    model: TokFusion
+    optimizer: optim.ModuleOptimizer
+    loss_weights: Mapping[str, float]
+    stage: int
+    use_token_cache: bool
+    use_tokens: bool
+    nan_from_step: int = -1  # testing aid: inject a NaN loss from this step on
+
+
+def _tokens(ctx: StepContext, frozen: Any, batch: Mapping[str, jax.Array]):
+    """(z_vis, z_ir): cached tokens, the frozen tokenizer's output, or None (no-token ablation)."""
+    if not ctx.use_tokens:
+        return None, None
+    if ctx.use_token_cache:
+        return batch["vis_tokens"], batch["ir_tokens"]
+    return ctx.model.tokens(frozen, batch["vis"]), ctx.model.tokens(frozen, batch["ir"])
+
+
+def compute_loss(
+    ctx: StepContext, params: PyTree, frozen: Any, batch: Mapping[str, jax.Array]
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array]]:
+    """Loss of one stage; returns (loss, (terms, output image (B, H, W, 1)))."""
+    vis, ir = batch["vis"], batch["ir"]  # (B, H, W, 1) float32 in [0, 1]
+    z_vis, z_ir = _tokens(ctx, frozen, batch)
+    if ctx.stage == 1:
+        rec_vis, feats_vis = ctx.model.reconstruct(params, z_vis, vis, modality="vis")
+        rec_ir, feats_ir = ctx.model.reconstruct(params, z_ir, ir, modality="ir")
+        loss, terms = losses.stage1_loss(
+            vis, ir, rec_vis, rec_ir, feats_vis, feats_ir, ctx.loss_weights
+        )
+        output = rec_vis
+    else:
+        fused, feats = ctx.model.fuse(params, z_vis, z_ir, vis, ir)
+        loss, terms = losses.stage2_loss(vis, ir, fused, feats, ctx.loss_weights)
+        output = fused
+    return loss.astype(jnp.float32), (terms, output.astype(jnp.float32))
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def train_step(
+    state: State, frozen: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, ctx: StepContext
+) -> tuple[State, dict[str, jax.Array]]:
+    """One optimisation step of ``ctx.stage``; pure, jit-able, state donated by the caller.
+
+    ``rng`` is the run's base key; this step's key is ``fold_in(rng, step)`` (the model is
+    deterministic today, the key is threaded for stochastic extensions).
+    """
+    step = state["step"]
+    _ = jax.random.fold_in(rng, step)
+
+    def loss_fn(params):
+        loss, (terms, _) = compute_loss(ctx, params, frozen, batch)
+        if ctx.nan_from_step >= 0:
+            loss = loss + jnp.where(step >= ctx.nan_from_step, jnp.nan, 0.0)
+        return loss, terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, new_opt = ctx.optimizer.update(grads, state["opt_state"], state["params"])
+    new_params = jax.tree_util.tree_map(
+        lambda p, u: p + u.astype(p.dtype), state["params"], updates
+    )
+
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    healthy = finite & (state["nonfinite_step"] < 0)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(healthy, a, b), new, old)
+    new_state = {
+        "params": keep(new_params, state["params"]),
+        "opt_state": keep(new_opt, state["opt_state"]),
+        "step": step + 1,
+        "nonfinite_step": jnp.where(
+            (state["nonfinite_step"] < 0) & ~finite, step, state["nonfinite_step"]
+        ).astype(jnp.int32),
+    }
+    metrics = {"loss": loss, **{k: v.astype(jnp.float32) for k, v in terms.items()}}
+    for name, norm in optim.global_norms(grads).items():
+        metrics[f"grad_norm/{name}"] = norm
+    for name, lr in ctx.optimizer.learning_rates(state["opt_state"]).items():
+        metrics[f"lr/{name}"] = lr
+    return new_state, metrics
+
+
+def eval_outputs(
+    params: PyTree, frozen: Any, batch: Mapping[str, jax.Array], *, ctx: StepContext
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Loss terms and the output images of a batch (no gradient): (terms, (B, H, W, 1))."""
+    loss, (terms, output) = compute_loss(ctx, params, frozen, batch)
+    return {"loss": loss, **terms}, output
+
+
+def compile_train_step(ctx: StepContext, mesh: jax.sharding.Mesh, frozen_shardings: Any):
+    """``train_step`` jitted over the mesh: replicated state, batch split over devices."""
+    rep = shd.replicated(mesh)
+    return jax.jit(
+        functools.partial(train_step, ctx=ctx),
+        in_shardings=(rep, frozen_shardings, shd.batch_sharding(mesh), rep),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# State construction
+# ----------------------------------------------------------------------------------------------
+
+
+def stage_params(model: TokFusion, rng: jax.Array, stage: int, image_size: tuple[int, int]):
+    """Fresh trainable tree for ``stage`` (stage 2 = stage 1 extended, as at the switch)."""
+    params = model.init(rng, stage=1, image_size=image_size)
+    if stage == 2:
+        params = model.extend_to_stage2(params, jax.random.fold_in(rng, 2))
+    return params
+
+
+def new_state(params: PyTree, optimizer: optim.ModuleOptimizer, step: int = 0) -> State:
+    """A train state at ``step`` with fresh optimiser states."""
+    return {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "step": jnp.asarray(step, jnp.int32),
+        "nonfinite_step": jnp.asarray(-1, jnp.int32),
+    }
+
+
+def to_stage2(
+    state: State, model: TokFusion, optimizer: optim.ModuleOptimizer, rng: jax.Array, fuse_init=None
+) -> State:
+    """The stage switch: keep every trained module and its optimiser state, add the fuse layers."""
+    params = model.extend_to_stage2(state["params"], jax.random.fold_in(rng, 2))
+    if fuse_init:  # --config.init_from gave trained fuse layers
+        params = {**params, **{k: v for k, v in fuse_init.items() if k in params}}
+    opt_state = optimizer.extend(state["opt_state"], params)
+    return {**state, "params": params, "opt_state": opt_state}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def _sources():
+    from tokfusion_jax.data import sources
+
+    return sources
+
+
+def _pipeline():
+    from tokfusion_jax.data import pipeline
+
+    return pipeline
+
+
+def open_source(dataset: str, root: str, allow_unpaired: bool = False):
+    """A paired source from a preset name and a folder (DataError on a bad folder)."""
+    root = str(pathlib.Path(root).expanduser()) if root else ""
+    return _sources().from_preset(dataset, root, allow_unpaired)
+
+
+def _token_cache(config: ml_collections.ConfigDict, tok: titok.Tokenizer):
+    if not config.data.token_cache:
+        return None
+    from tokfusion_jax.data import cache
+
+    return cache.TokenCache(str(pathlib.Path(config.data.token_cache).expanduser()), tok.sha256)
+
+
+def train_iterator(config, source, tok, image_size: int):
+    """This process's training batches (an endless, checkpointable iterator)."""
+    d = config.data
+    ds = _pipeline().make_pipeline(
+        source,
+        batch_size=d.batch_size // jax.process_count(),
+        image_size=(image_size, image_size),
+        seed=int(d.seed),
+        shuffle=bool(d.shuffle),
+        num_epochs=None,
+        drop_remainder=True,
+        keep_color=False,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        token_cache=_token_cache(config, tok),
+        worker_count=int(d.worker_count),
+    )
+    return iter(ds)
+
+
+def val_batches(config, source, image_size: int) -> list[dict[str, np.ndarray]]:
+    """The validation pairs (every process reads all of them), as padded host batches."""
+    ds = _pipeline().make_pipeline(
+        source,
+        batch_size=config.val.batch_size,
+        image_size=(image_size, image_size),
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+    )
+    out, count = [], 0
+    limit = int(config.val.max_pairs) or None
+    for batch in ds:
+        batch = {k: np.asarray(v) for k, v in batch.items()}
+        if limit is not None:
+            take = min(len(batch["vis"]), limit - count)
+            batch = {k: v[:take] for k, v in batch.items()}
+        count += len(batch["vis"])
+        out.append(batch)
+        if limit is not None and count >= limit:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------------------------
+
+
+class RunLogger:
+    """metrics.jsonl + TensorBoard (tensorboardX) + progress bar; active on process 0 only."""
+
+    def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int):
+        self.active = jax.process_index() == 0
+        self.jsonl = workdir / "metrics.jsonl"
+        self.writer = None
+        self.bar = None
+        if not self.active:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.writer = SummaryWriter(str(workdir / "tensorboard"))
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def scalars(self, step: int, record: Mapping[str, Any]) -> None:
+        """Appends a record to metrics.jsonl and TensorBoard."""
+        if not self.active:
+            return
+        line = json.dumps({"step": step, **record}, sort_keys=True)
+        with open(self.jsonl, "a") as f:
+            f.write(line + "\n")
+        for key, value in record.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def progress(self, step: int, postfix: Mapping[str, Any]) -> None:
+        """Moves the bar to ``step`` and shows ``postfix``."""
+        if self.bar is None:
+            return
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(postfix, refresh=True)
+
+    def images(self, step: int, tag: str, rows: list[np.ndarray]) -> None:
+        """A grid: one row per image kind (each (B, H, W, 1) in [0, 1]), one column per pair."""
+        if not self.active:
+            return
+        grid = np.concatenate([np.concatenate(list(r[..., 0]), axis=1) for r in rows], axis=0)
+        self.writer.add_image(tag, np.clip(grid, 0, 1)[None], step, dataformats="CHW")
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flushes and closes writers."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals
+# ----------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading_is_main():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        """True once a stop signal arrived."""
+        return self.signal is not None
+
+
+def threading_is_main() -> bool:
+    """Signal handlers can only be installed from the main thread."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train_and_evaluate` returns."""
+
+    state: State
+    step: int
+    stage: int
+    interrupted: bool
+    workdir: pathlib.Path
+    export_dir: pathlib.Path | None = None
+    last_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def random_tiny_tokenizer_config(
+    image_size: int, num_tokens: int, token_dim: int
+) -> titok.TiTokConfig:
+    """The demo/test tokenizer: one transformer block per side, no pixel decoder."""
+    return titok.TiTokConfig.tiny(
+        image_size=image_size,
+        patch_size=8 if image_size % 8 == 0 else image_size,
+        num_tokens=num_tokens,
+        token_size=token_dim,
+        enc_width=32,
+        enc_depth=1,
+        dec_width=32,
+        dec_depth=1,
+        is_legacy=False,
+        finetune_decoder=False,
+    )
+
+
+def resolve_tokenizer(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, sharding: Any = None
+) -> tuple[titok.Tokenizer, str]:
+    """The frozen tokenizer and the path it lives at (the random tiny one is saved in workdir)."""
+    cfg = config.tokenizer
+    if cfg.path:
+        path = pathlib.Path(cfg.path).expanduser().absolute()
+        return titok.load(path, sharding=sharding), str(path)
+    path = workdir / "tokenizer"
+    if (path / "tokenizer.json").exists():
+        return titok.load(path, sharding=sharding), str(path)
+    tiny = random_tiny_tokenizer_config(
+        int(cfg.random_tiny_image_size),
+        int(config.model.tokens.num_tokens),
+        int(config.model.tokens.token_dim),
+    )
+    tok = titok.create(tiny, seed=int(config.train.seed))
+    if jax.process_index() == 0:
+        titok.save(tok, path, metadata={"source": "random weights (demo/test tokenizer)"})
+    _sync("tokenizer-saved")
+    print(
+        f"NOTE: using a tiny tokenizer with RANDOM weights (no pretrained weights ship with the "
+        f"package), saved to {path}",
+        flush=True,
+    )
+    return titok.load(path, sharding=sharding), str(path)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _check_tokenizer_matches(config, tok: titok.Tokenizer) -> None:
+    t = config.model.tokens
+    pairs = [
+        ("num_tokens", t.num_tokens, tok.config.num_tokens),
+        ("token_dim", t.token_dim, tok.config.token_size),
+        ("input_size", t.input_size, tok.config.image_size),
+    ]
+    for key, want, got in pairs:
+        if config.model.use_tokens and want != got:
+            raise ConfigError(
+                f"config.model.tokens.{key}={want} does not match the tokenizer at "
+                f"{config.tokenizer.path or 'workdir/tokenizer'} ({got})"
+            )
+
+
+def _host_scalars(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
+    """Averages fetched per-step metrics (the only place the loop waits for the device)."""
+    fetched = jax.device_get(metrics_list)
+    keys = fetched[0].keys()
+    return {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+
+
+def _meta(config, step: int, stage: int, epoch: int, tok_path: str, tok: titok.Tokenizer) -> dict:
+    return {
+        "step": step,
+        "stage": stage,
+        "epoch": epoch,
+        "config": json.loads(config.to_json_best_effort()),
+        "tokenizer": {"path": tok_path, "sha256": tok.sha256},
+        "process_count": jax.process_count(),
+    }
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, devices: list | None = None
+) -> TrainResult:
+    """Runs (or resumes) both training stages; returns the final state.
+
+    ``devices``: restrict the mesh to these devices (tests); default all global devices.
+    """
+    shd.initialize_distributed()
+    validate_config(config)
+    workdir = pathlib.Path(workdir).expanduser().absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
+
+    mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), devices)
+    local_batch = shd.check_batch_size(int(config.data.batch_size), mesh)
+    del local_batch
+    image_size = int(config.data.image_size)
+    if jax.default_backend() == "cpu" and config.model.dtype != "float32":
+        logging.warning("compute dtype %s on CPU is slow; float32 is advised", config.model.dtype)
+
+    tok, tok_path = resolve_tokenizer(config, workdir)
+    _check_tokenizer_matches(config, tok)
+    use_cache = bool(config.data.token_cache)
+    frozen = None if use_cache else tok
+    frozen_shardings = None
+    if frozen is not None:
+        frozen_shardings = shd.fsdp_sharding(mesh, frozen)
+        frozen = jax.device_put(frozen, frozen_shardings)
+    rep = shd.replicated(mesh)
+
+    train_root = config.data.train_root or config.data.root
+    source = open_source(config.data.dataset, train_root, bool(config.data.allow_unpaired))
+    n_pairs = len(source)
+    global_bs = int(config.data.batch_size)
+    steps_per_epoch = int(config.train.steps_per_epoch) or n_pairs // global_bs
+    if steps_per_epoch < 1:
+        raise DataError(
+            f"{train_root or 'the packaged samples'}: {n_pairs} pairs is fewer than one batch of "
+            f"config.data.batch_size={global_bs}"
+        )
+    stage1_steps = int(config.train.stage1_epochs) * steps_per_epoch
+    total_steps = stage1_steps + int(config.train.stage2_epochs) * steps_per_epoch
+
+    model = TokFusion(config.model)
+    optimizer = optim.ModuleOptimizer(config.optim, steps_per_epoch)
+    weights = config.loss.to_dict()
+    base_key = jax.random.key(int(config.train.seed))
+    init_key, step_key = jax.random.split(base_key)
+
+    def ctx_for(stage: int) -> StepContext:
+        return StepContext(
+            model=model,
+            optimizer=optimizer,
+            loss_weights=weights,
+            stage=stage,
+            use_token_cache=use_cache,
+            use_tokens=bool(config.model.use_tokens),
+            nan_from_step=int(config.train.debug_nan_step),
+        )
+
+    ckpt = checkpointing.Checkpointer(
+        workdir / "checkpoints",
+        keep=int(config.train.keep_checkpoints),
+        use_async=bool(config.train.async_checkpoints),
+    )
+    it = train_iterator(config, source, tok, image_size)
+
+    def abstract_state(stage: int) -> State:
+        def build():
+            params = stage_params(model, init_key, stage, (image_size, image_size))
+            return new_state(params, optimizer)
+
+        shapes = jax.eval_shape(build)
+        return jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes
+        )
+
+    fuse_init = None
+    latest = ckpt.latest_step()
+    if latest is not None:
+        meta = ckpt.read_meta(latest)
+        stage = int(meta["stage"])
+        _check_resume_compatible(meta, tok, workdir)
+        state, meta, it_state = ckpt.restore(abstract_state(stage), latest)
+        if it_state is not None:
+            it.set_state(it_state)
+        _log0(f"resuming from {ckpt.step_path(latest)} (step {latest}, stage {stage})")
+    else:
+        stage = 1 if stage1_steps > 0 else 2
+        params = jax.jit(
+            functools.partial(stage_params, model, stage=stage, image_size=(image_size,) * 2),
+            out_shardings=rep,
+        )(init_key)
+        if config.init_from:
+            params, fuse_init = _merge_init_from(config.init_from, params)
+        state = jax.device_put(new_state(params, optimizer), rep)
+
+    step = int(jax.device_get(state["step"]))
+    if stage == 1 and step >= stage1_steps:
+        state = _switch(state, model, optimizer, init_key, fuse_init, rep)
+        stage = 2
+
+    val_source = None
+    if config.val.dataset and (config.data.val_root or config.val.dataset == SAMPLES):
+        val_source = open_source(config.val.dataset, config.data.val_root)
+    val_data = val_batches(config, val_source, image_size) if val_source is not None else []
+
+    step_fns: dict[int, Any] = {}
+    eval_fns: dict[int, Any] = {}
+
+    def step_fn(s: int):
+        if s not in step_fns:
+            step_fns[s] = compile_train_step(ctx_for(s), mesh, frozen_shardings)
+        return step_fns[s]
+
+    def eval_fn(s: int):
+        if s not in eval_fns:
+            eval_fns[s] = jax.jit(
+                functools.partial(eval_outputs, ctx=ctx_for(s)),
+                in_shardings=(rep, frozen_shardings, rep),
+                out_shardings=rep,
+            )
+        return eval_fns[s]
+
+    logger = RunLogger(workdir, total_steps, step)
+    pending: list[dict[str, jax.Array]] = []
+    recent_names: collections.deque = collections.deque(maxlen=int(config.train.log_every_steps))
+    last_metrics: dict[str, float] = {}
+    log_every = int(config.train.log_every_steps)
+    ckpt_every = int(config.train.checkpoint_every_steps)
+    val_every = int(config.val.every_steps)
+    image_every = int(config.train.image_every_steps)
+    t_last, step_last = time.perf_counter(), step
+    interrupted = False
+
+    def epoch_of(s: int) -> int:
+        return s // steps_per_epoch
+
+    def check_finite(at_step: int) -> None:
+        bad = int(jax.device_get(state["nonfinite_step"]))
+        if bad < 0:
+            return
+        names = dict(recent_names).get(bad)
+        last_good = ckpt.latest_step()
+        where = str(ckpt.step_path(last_good)) if last_good is not None else "none saved yet"
+        ckpt.wait()
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {bad} (stage {stage_of(bad)}, batch "
+            f"{_fmt_names(names)}); training stopped at step {at_step}; last good checkpoint: "
+            f"{where}"
+        )
+
+    def stage_of(s: int) -> int:
+        return 1 if s < stage1_steps else 2
+
+    def save(at_step: int) -> None:
+        check_finite(at_step)
+        meta = _meta(config, at_step, stage, epoch_of(at_step), tok_path, tok)
+        ckpt.save(at_step, state, meta, it.get_state())
+
+    def validate(at_step: int) -> None:
+        if not val_data:
+            return
+        record = run_validation(
+            eval_fn(stage), state["params"], frozen, val_data, rep, stage, model, tok
+        )
+        logger.scalars(at_step, {f"val/{k}": v for k, v in record.items()} | {"stage": stage})
+
+    def images(at_step: int) -> None:
+        if not val_data or not logger.active:
+            return
+        b = val_data[0]
+        batch = jax.device_put({k: v for k, v in b.items() if k in ("vis", "ir")}, rep)
+        _, out = eval_fn(stage)(state["params"], frozen, batch)
+        tag = "val/vis_ir_fused" if stage == 2 else "val/vis_ir_reconstructed_vis"
+        logger.images(at_step, tag, [b["vis"], b["ir"], np.asarray(jax.device_get(out))])
+
+    try:
+        with StopRequest() as stop:
+            while step < total_steps:
+                if stage == 1 and step >= stage1_steps:
+                    save(step)  # the last stage-I state, before the switch
+                    state = _switch(state, model, optimizer, init_key, fuse_init, rep)
+                    stage = 2
+                batch = next(it)
+                names = batch.get("name")
+                recent_names.append((step, None if names is None else list(np.asarray(names))))
+                device_batch = shd.global_batch(batch, mesh)
+                state, metrics = step_fn(stage)(state, frozen, device_batch, step_key)
+                pending.append(metrics)
+                step += 1
+
+                if step % log_every == 0 or step == total_steps:
+                    check_finite(step)
+                    scalars = _host_scalars(pending)
+                    pending.clear()
+                    now = time.perf_counter()
+                    rate = (step - step_last) / max(now - t_last, 1e-9)
+                    t_last, step_last = now, step
+                    last_metrics = scalars
+                    record = {"stage": stage, "epoch": epoch_of(step - 1), "steps_per_sec": rate}
+                    logger.scalars(step, record | {f"train/{k}": v for k, v in scalars.items()})
+                    shown = {k: f"{v:.4g}" for k, v in scalars.items() if "/" not in k}
+                    logger.progress(step, {"epoch": epoch_of(step - 1), "stage": stage, **shown})
+                if image_every and step % image_every == 0:
+                    images(step)
+                end_of_epoch = step % steps_per_epoch == 0
+                if (val_every > 0 and step % val_every == 0) or (val_every == 0 and end_of_epoch):
+                    validate(step)
+                if step % ckpt_every == 0:
+                    save(step)
+                if stop.requested:
+                    save(step)
+                    ckpt.wait()
+                    interrupted = True
+                    _log0(
+                        f"stopped by signal {stop.signal} at step {step}; checkpoint saved in "
+                        f"{ckpt.step_path(step)}; rerun the same command to resume"
+                    )
+                    break
+            if not interrupted:
+                save(step)
+                if val_every == -1:
+                    validate(step)
+        ckpt.wait()
+    finally:
+        logger.close()
+        with contextlib.suppress(Exception):
+            ckpt.close()
+
+    export_dir = None
+    if not interrupted and config.train.export and stage == 2:
+        from tokfusion_jax import export
+
+        export_dir = export.save_export(workdir, config, state["params"], tok, tok_path)
+        _log0(f"inference export written to {export_dir}")
+    return TrainResult(
+        state=state,
+        step=step,
+        stage=stage,
+        interrupted=interrupted,
+        workdir=workdir,
+        export_dir=export_dir,
+        last_metrics=last_metrics,
+    )
+
+
+def _switch(state, model, optimizer, init_key, fuse_init, rep) -> State:
+    switched = jax.jit(
+        functools.partial(to_stage2, model=model, optimizer=optimizer, fuse_init=fuse_init),
+        out_shardings=rep,
+    )(state, rng=init_key)
+    return switched
+
+
+def run_validation(
+    eval_jit, params, frozen, val_data, rep, stage: int, model: TokFusion, tok
+) -> dict[str, float]:
+    """Mean losses over the validation pairs, plus fusion metrics when available (stage II)."""
+    sums: dict[str, float] = collections.defaultdict(float)
+    count = 0
+    metric_sums: dict[str, float] = collections.defaultdict(float)
+    metric_count = 0
+    compute = _metrics_compute() if stage == 2 else None
+    for b in val_data:
+        n = len(b["vis"])
+        padded = {k: _pad_to(b[k], int(val_data[0]["vis"].shape[0])) for k in ("vis", "ir")}
+        terms, out = eval_jit(params, frozen, jax.device_put(padded, rep))
+        terms = jax.device_get(terms)
+        for k, v in terms.items():
+            sums[k] += float(v) * n
+        count += n
+        if compute is not None:  # metrics take 0..255 gray images, infrared first
+            fused = np.asarray(jax.device_get(out))[:n, ..., 0] * 255.0
+            values = compute(fused, b["ir"][..., 0] * 255.0, b["vis"][..., 0] * 255.0)
+            for k, v in values.items():
+                v = np.asarray(v, np.float64)
+                finite = v[np.isfinite(v)]
+                if finite.size:
+                    metric_sums[k] += float(finite.sum())
+            metric_count += n
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    out.update({f"metric/{k}": v / max(metric_count, 1) for k, v in metric_sums.items()})
+    return out
+
+
+def _metrics_compute():
+    try:
+        from tokfusion_jax import metrics
+    except ImportError:
+        return None
+    return getattr(metrics, "compute", None)
+
+
+def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
+    if len(x) == n:
+        return x
+    pad = np.repeat(x[-1:], n - len(x), axis=0)
+    return np.concatenate([x, pad], axis=0)
+
+
+def _merge_init_from(source: str, params: PyTree) -> tuple[PyTree, dict | None]:
+    """Replaces matching modules of ``params`` by another run's; returns (params, fuse layers)."""
+    loaded = checkpointing.restore_params(source)
+    merged = dict(params)
+    for name in params:
+        if name not in loaded:
+            raise CheckpointError(f"init_from={source}: module {name!r} is missing there")
+        want = jax.tree_util.tree_structure(params[name])
+        got = jax.tree_util.tree_structure(loaded[name])
+        shapes_ok = want == got and all(
+            np.shape(a) == np.shape(b)
+            for a, b in zip(
+                jax.tree_util.tree_leaves(params[name]),
+                jax.tree_util.tree_leaves(loaded[name]),
+                strict=True,
+            )
+        )
+        if not shapes_ok:
+            raise CheckpointError(
+                f"init_from={source}: module {name!r} has a different architecture than "
+                "config.model"
+            )
+        merged[name] = jax.tree_util.tree_map(
+            lambda a, b: jnp.asarray(b, a.dtype), params[name], loaded[name]
+        )
+    fuse = {k: v for k, v in loaded.items() if k not in params} or None
+    _log0(f"init_from: parameters of {sorted(merged)} loaded from {source}")
+    return merged, fuse
+
+
+def _check_resume_compatible(meta: Mapping[str, Any], tok: titok.Tokenizer, workdir) -> None:
+    recorded = meta.get("tokenizer", {}).get("sha256", "")
+    if recorded and tok.sha256 and recorded != tok.sha256:
+        raise CheckpointError(
+            f"{workdir}/checkpoints was trained with tokenizer sha256 {recorded[:12]}..., but "
+            f"config.tokenizer gives {tok.sha256[:12]}...; use a fresh --workdir"
+        )
+
+
+def _fmt_names(names: list | None) -> str:
+    if not names:
+        return "names unknown"
+    shown = [n.decode() if isinstance(n, bytes) else str(n) for n in names[:8]]
+    more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
+    return "[" + ", ".join(shown) + "]" + more
+
+
+def _log0(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
