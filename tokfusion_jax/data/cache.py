@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import tempfile
+import zipfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -102,7 +103,7 @@ class TokenCache:
         try:
             with np.load(path) as npz:
                 entry = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
             raise DataError(f"{path}: corrupt token cache entry for {label} ({e})") from None
         shape = entry["quantized"].shape if "quantized" in entry else None
         if shape != self.token_shape:
