@@ -328,3 +328,27 @@ def test_inspect_cli_and_error_exit(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error: 1 unpaired file(s)")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["gray", "rgb", "rgba", "palette", "bilevel", "gray16", "jpeg"])
+def test_fast_luma_path_matches_numpy_path(tmp_path, kind):
+    from tokfusion_jax.data import transforms
+
+    c, g = rgb(30, 40), gray(30, 40)
+    images = {
+        "gray": Image.fromarray(g),
+        "rgb": Image.fromarray(c),
+        "rgba": Image.fromarray(np.concatenate([c, g[..., None]], -1)),
+        "palette": Image.fromarray(c).quantize(colors=32),
+        "bilevel": Image.fromarray(g > 100),
+        "gray16": Image.fromarray(g.astype(np.uint16) * 257 + 3),
+        "jpeg": Image.fromarray(c),
+    }
+    path = tmp_path / ("x.jpg" if kind == "jpeg" else "x.png")
+    images[kind].save(path)
+    data = path.read_bytes()
+    slow = imio.to_luma(imio.load_image(path))
+    np.testing.assert_allclose(imio.decode_luma(data, "x"), slow, atol=1e-6)
+    np.testing.assert_allclose(
+        imio.decode_luma(data, "x", (16, 20)), transforms.resize(slow, (16, 20)), atol=1e-5
+    )

@@ -147,6 +147,31 @@ def decode_image(data: bytes, label: str) -> np.ndarray:
     return _to_float(_open(data, label), label)
 
 
+def decode_luma(data: bytes, label: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Luma (h, w) float32 in [0, 1] of encoded bytes, optionally resized to `size` = (h, w).
+
+    The fast path of the pipelines: 8-bit images are converted to BT.601 luma and resized
+    (bicubic, antialiased) by PIL in float32 ("F" mode), without full-size NumPy copies; the
+    result equals `to_luma(decode_image(...))` followed by `transforms.resize` to ~1e-6. Other
+    bit depths take the NumPy route.
+    """
+    if not data:
+        raise DataError(f"{label}: zero-byte image file")
+    im = _open(data, label)
+    if im.mode not in _EIGHT_BIT_MODES:
+        y = to_luma(_to_float(im, label))
+        if size is None or y.shape == tuple(size):
+            return y
+        im_f = Image.fromarray(np.ascontiguousarray(y), mode="F")
+        return np.asarray(im_f.resize((size[1], size[0]), Image.Resampling.BICUBIC), np.float32)
+    if im.mode in ("YCbCr", "PA", "P"):
+        im = im.convert("RGB")  # palette / YCbCr: luma of the displayed colours
+    f = im.convert("F")  # BT.601 luma, 0..255 (gray modes pass their value)
+    if size is not None and (f.height, f.width) != tuple(size):
+        f = f.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return np.asarray(f, np.float32) * np.float32(1.0 / 255.0)
+
+
 def image_size(ref: ImageRef, name: str | None = None) -> tuple[int, int]:
     """(height, width) from the file header, without decoding the pixels."""
     label = describe(ref, name)

@@ -83,34 +83,34 @@ class DecodePair(grain.transforms.Map):
     def map(self, record: dict[str, Any]) -> dict[str, Any]:
         name = str(record["name"])
         out: dict[str, Any] = {"name": name}
-        decoded = {}
+        encoded, hw = {}, {}
         for slot in ("vis", "ir"):
             ref = record[slot]
             label = imio.describe(ref, f"{name} ({slot})")
-            data = imio.read_bytes(ref, label)
-            decoded[slot] = imio.decode_image(data, label)
+            encoded[slot] = (imio.read_bytes(ref, label), label)
+            hw[slot] = imio.image_size(encoded[slot][0], label)  # header only
             if self.token_cache is not None:
-                out[f"{slot}_tokens"] = self.token_cache.lookup_bytes(data, label)
+                out[f"{slot}_tokens"] = self.token_cache.lookup_bytes(*encoded[slot])
         sources.check_pair_sizes(
             record["vis"],
             record["ir"],
-            decoded["vis"].shape[:2],
-            decoded["ir"].shape[:2],
+            hw["vis"],
+            hw["ir"],
             self.min_size,
             name=name if isinstance(record["vis"], bytes) else None,
         )
-        for slot, image in decoded.items():
+        for slot, (data, label) in encoded.items():
             if self.keep_color:
-                y, cbcr = imio.split_luma(image)
-            else:
-                y, cbcr = imio.to_luma(image), None
-            if self.image_size is not None:
-                y = np.clip(resize(y, self.image_size), 0.0, 1.0)  # bicubic overshoots
-            out[slot] = y[..., None]  # (H, W, 1)
-            if cbcr is not None and self.image_size is not None:
-                cbcr = np.clip(resize(cbcr, self.image_size), 0.0, 1.0)
-            if cbcr is not None:
+                y, cbcr = imio.split_luma(imio.decode_image(data, label))
+                if self.image_size is not None:
+                    y = resize(y, self.image_size)
+                    cbcr = np.clip(resize(cbcr, self.image_size), 0.0, 1.0)
                 out[f"{slot}_cbcr"] = cbcr  # (H, W, 2)
+            else:
+                y = imio.decode_luma(data, label, self.image_size)  # fused decode+luma+resize
+            if self.image_size is not None:
+                y = np.clip(y, 0.0, 1.0)  # bicubic overshoots
+            out[slot] = y[..., None]  # (H, W, 1)
         return out
 
 
