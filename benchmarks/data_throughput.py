@@ -6,7 +6,10 @@
 
 The synthetic pairs (an RGB visible PNG and a gray infrared PNG, 640x480, textured so that they
 compress like real MSRS frames) are written to a temporary folder.
-The first batches (worker start-up) are excluded from the timing.
+The first batches (worker start-up) are excluded from the timing. `pairs/s` is wall-clock
+throughput; `pairs/cpu-s` divides by the CPU time of this process and its workers, which stays
+meaningful when other jobs share the machine (with N idle cores, throughput approaches
+N x pairs/cpu-s as long as the workers keep them busy).
 """
 
 from __future__ import annotations
@@ -43,10 +46,25 @@ def write_synthetic_pairs(root: str, count: int, size: tuple[int, int] = (480, 6
         Image.fromarray(ir).save(os.path.join(root, "ir", f"{i:05d}.png"))
 
 
+def _tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (grain workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def measure(
     source: sources.PairedSource, workers: int, batch_size: int, batches: int, warmup: int
-) -> float:
-    """Pairs per second after `warmup` batches."""
+) -> tuple[float, float]:
+    """(pairs per wall-clock second, pairs per CPU second of all processes) after warm-up."""
     ds = pipeline.make_pipeline(
         source,
         batch_size=batch_size,
@@ -59,15 +77,16 @@ def measure(
     it = iter(ds)
     for _ in range(warmup):
         next(it)
-    start = time.perf_counter()
+    cpu0, start = _tree_cpu_seconds(), time.perf_counter()
     pairs = 0
     for _ in range(batches):
         pairs += len(next(it)["name"])
     elapsed = time.perf_counter() - start
+    cpu = _tree_cpu_seconds() - cpu0
     close = getattr(it, "close", None)
     if close is not None:
         close()
-    return pairs / elapsed
+    return pairs / elapsed, pairs / max(cpu, 1e-9)
 
 
 def main() -> None:
@@ -95,10 +114,12 @@ def main() -> None:
                 f"(vis {vis_kb:.0f} KB RGB, ir {ir_kb:.0f} KB gray)"
             )
         print(f"data: {what}; output 256x256; batch {args.batch_size}; cpus {os.cpu_count()}")
-        print(f"{'workers':>8} {'pairs/s':>10}")
+        print(f"load average before: {os.getloadavg()[0]:.1f}")
+        print(f"{'workers':>8} {'pairs/s':>10} {'pairs/cpu-s':>12}")
         for workers in args.workers:
-            rate = measure(source, workers, args.batch_size, args.batches, args.warmup)
-            print(f"{workers:>8d} {rate:>10.1f}")
+            rate, per_cpu = measure(source, workers, args.batch_size, args.batches, args.warmup)
+            print(f"{workers:>8d} {rate:>10.1f} {per_cpu:>12.1f}")
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
