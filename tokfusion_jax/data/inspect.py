@@ -5,7 +5,8 @@
 
 Prints the pair count, the image sizes, pixel modes and file formats of each modality, and
 writes a PNG grid (one row per sample pair: visible/MRI image in colour, then the infrared or
-functional image) to --grid (default: ./inspect_<dataset>_<folder>.png).
+functional image) to --grid (default: <system temp dir>/tokfusion_inspect/<dataset>_<folder>.png;
+the path is printed).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import collections
 import io
 import os
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Summarise a paired image-fusion dataset.")
     parser.add_argument("--dataset", default="bundle", help=f"preset: {', '.join(sources.PRESETS)}")
     parser.add_argument("--root", default="", help="dataset folder (or manifest file)")
-    parser.add_argument("--grid", default="", help="output PNG (default ./inspect_<name>.png)")
+    parser.add_argument("--grid", default="", help="output PNG (default: in the temp dir)")
     parser.add_argument("--rows", type=int, default=4, help="pairs in the grid")
     parser.add_argument("--min_size", type=int, default=16, help="smallest accepted side")
     parser.add_argument("--allow_unpaired", action="store_true")
@@ -98,7 +100,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for line in summarize(source, args.min_size):
         print(line)
     folder = os.path.basename(os.path.normpath(args.root)) or args.dataset
-    grid_path = args.grid or f"inspect_{args.dataset}_{folder}.png"
+    grid_path = args.grid or os.path.join(
+        tempfile.gettempdir(), "tokfusion_inspect", f"{args.dataset}_{folder}.png"
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(grid_path)), exist_ok=True)
     imio.save_png(grid_path, sample_grid(source, args.rows))
     print(f"  sample grid ({min(args.rows, len(source))} pairs): {os.path.abspath(grid_path)}")
 
