@@ -11,7 +11,7 @@ import hashlib
 import io
 import os
 import warnings
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -175,9 +175,16 @@ def decode_luma(data: bytes, label: str, size: tuple[int, int] | None = None) ->
 def image_size(ref: ImageRef, name: str | None = None) -> tuple[int, int]:
     """(height, width) from the file header, without decoding the pixels."""
     label = describe(ref, name)
-    data = read_bytes(ref, name)
+    if isinstance(ref, bytes):
+        source: Any = io.BytesIO(read_bytes(ref, name))
+    else:
+        path = os.fspath(ref)
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in SUPPORTED_EXTENSIONS or not os.path.isfile(path) or not os.path.getsize(path):
+            read_bytes(ref, name)  # raises the unsupported / missing / zero-byte error
+        source = path
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(source) as im:
             w, h = im.size
             fmt = im.format
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
