@@ -31,10 +31,12 @@ Two conventions, each reproducing one public evaluator:
 SD, SF, AG, SCD and Qabf are the same in both. The fused image is rounded to uint8 first, as
 the references evaluate 8-bit files; the sources are rounded too (they are 8-bit files).
 
-Precision: EN, SD, SF, AG, EI, SCD and Qabf run in float32 (integer inputs keep them exact to
-float32 rounding); MI, VIF and SSIM run in float64 inside a scoped ``jax.enable_x64`` (the
-references use float64 there, and VIF/SSIM lose several digits to E[x^2] - E[x]^2 cancellation
-in float32). ``ssim_precision="float32"`` reproduces the float32 as-shipped SSIM arithmetic.
+Precision: everything runs inside a scoped ``jax.enable_x64`` (never the global flag). EN
+(ivif_zoo) and Qabf's per-pixel maps are float32 as in the references (Qabf sums in float64);
+SD, SF, AG, EI and SCD are float64 (cheap, and batch-size independent); MI, VIF and SSIM are
+float64 (the references use float64 there, and VIF/SSIM lose several digits to
+E[x^2] - E[x]^2 cancellation in float32). ``ssim_precision="float32"`` reproduces the float32
+as-shipped SSIM arithmetic.
 
 Everything is jit-compiled and vmapped over a batch of same-size images.
 
@@ -47,6 +49,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -178,37 +181,37 @@ def entropy(f: jax.Array, convention: str) -> jax.Array:
     return -jnp.sum(jnp.where(p > 0, p * jnp.log2(jnp.where(p > 0, p, 1.0)), 0.0))
 
 
-def standard_deviation(f: jax.Array) -> jax.Array:
+def standard_deviation(f: jax.Array, dtype: Any = jnp.float64) -> jax.Array:
     """SD: population standard deviation."""
-    f = f.astype(jnp.float32)
+    f = f.astype(dtype)
     return jnp.sqrt(jnp.mean(jnp.square(f - jnp.mean(f))))
 
 
-def spatial_frequency(f: jax.Array) -> jax.Array:
+def spatial_frequency(f: jax.Array, dtype: Any = jnp.float64) -> jax.Array:
     """SF = sqrt(mean(row diffs^2) + mean(column diffs^2)), each mean over its own array."""
-    f = f.astype(jnp.float32)
+    f = f.astype(dtype)
     along_w = jnp.mean(jnp.square(f[:, 1:] - f[:, :-1]))
     along_h = jnp.mean(jnp.square(f[1:, :] - f[:-1, :]))
     return _safe_sqrt(along_w + along_h)
 
 
-def average_gradient(f: jax.Array) -> jax.Array:
+def average_gradient(f: jax.Array, dtype: Any = jnp.float64) -> jax.Array:
     """AG = mean over H x W of sqrt((gx^2 + gy^2) / 2), numpy.gradient differences."""
-    f = f.astype(jnp.float32)
+    f = f.astype(dtype)
     gx = _np_gradient(f, 1)
     gy = _np_gradient(f, 0)
     return jnp.mean(_safe_sqrt((gx * gx + gy * gy) * 0.5))
 
 
-def edge_intensity(f: jax.Array) -> jax.Array:
+def edge_intensity(f: jax.Array, dtype: Any = jnp.float64) -> jax.Array:
     """EI = mean over H x W of the zero-padded Sobel magnitude (no 1/8 normalisation)."""
-    sx, sy = _sobel(f.astype(jnp.float32))
+    sx, sy = _sobel(f.astype(dtype))
     return jnp.mean(_safe_sqrt(sx * sx + sy * sy))
 
 
-def scd(f: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+def scd(f: jax.Array, a: jax.Array, b: jax.Array, dtype: Any = jnp.float64) -> jax.Array:
     """SCD = corr(F - B, A) + corr(F - A, B)."""
-    f, a, b = (x.astype(jnp.float32) for x in (f, a, b))
+    f, a, b = (x.astype(dtype) for x in (f, a, b))
     return _pearson(f - b, a) + _pearson(f - a, b)
 
 
@@ -352,7 +355,8 @@ def qabf(f: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
 
     q_af, g_a = preservation(a)
     q_bf, g_b = preservation(b)
-    return jnp.sum(q_af * g_a + q_bf * g_b) / jnp.sum(g_a + g_b)
+    num = jnp.sum(q_af * g_a + q_bf * g_b, dtype=jnp.float64)
+    return num / jnp.sum(g_a + g_b, dtype=jnp.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,17 +504,19 @@ def differentiable_ei(x: jax.Array, data_range: float = 1.0) -> jax.Array:
 
     `data_range` is the value of white in `x` (1.0 for [0, 1] images, 255.0 for 0..255).
     """
-    return _batched(edge_intensity, x, data_range=data_range)
+    return _batched(functools.partial(edge_intensity, dtype=jnp.float32), x, data_range=data_range)
 
 
 def differentiable_ag(x: jax.Array, data_range: float = 1.0) -> jax.Array:
     """AG on the 0..255 scale of a float image; shapes as `differentiable_ei`."""
-    return _batched(average_gradient, x, data_range=data_range)
+    fn = functools.partial(average_gradient, dtype=jnp.float32)
+    return _batched(fn, x, data_range=data_range)
 
 
 def differentiable_sf(x: jax.Array, data_range: float = 1.0) -> jax.Array:
     """SF on the 0..255 scale of a float image; shapes as `differentiable_ei`."""
-    return _batched(spatial_frequency, x, data_range=data_range)
+    fn = functools.partial(spatial_frequency, dtype=jnp.float32)
+    return _batched(fn, x, data_range=data_range)
 
 
 def differentiable_ssim(
@@ -550,3 +556,25 @@ def differentiable(
         "AG": differentiable_ag(fused, data_range),
         "SSIM": differentiable_ssim(fused, a, b, data_range),
     }
+
+
+@functools.partial(jax.jit, static_argnames=("data_range",))
+def _wang_ssim(x: jax.Array, y: jax.Array, data_range: float) -> jax.Array:
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_r, mu_x, var_r, var_x, cov = _local_moments(x[None], y, _SSIM_GAUSS_TAPS)
+    num = (2.0 * mu_r * mu_x + c1) * (2.0 * cov + c2)
+    den = (mu_r * mu_r + mu_x * mu_x + c1) * (var_r + var_x + c2)
+    return jnp.mean(num / den)
+
+
+def ssim(x: np.ndarray | jax.Array, y: np.ndarray | jax.Array, data_range: float = 255.0) -> float:
+    """Standard SSIM (Wang et al.: Gaussian 11 / 1.5, 'valid', K = 0.01, 0.03) of two (H, W)
+    images with white at `data_range`, in float64. Used for reconstruction quality, not fusion.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim != 2 or min(x.shape) < 11:
+        raise MetricInputError(
+            f"ssim: expected two equal (H, W) images >= 11 px, got {x.shape}, {y.shape}"
+        )
+    with jax.enable_x64(True):
+        return float(_wang_ssim(jnp.asarray(x), jnp.asarray(y), float(data_range)))

@@ -1,0 +1,157 @@
+"""The benchmark evaluator: baselines, folders of fused images, tables and output files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tokfusion_jax import evaluate, metrics
+
+NAMES = ("EN", "SD", "SSIM")
+
+
+def _write(path: pathlib.Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> pathlib.Path:
+    """A bundle-layout IVIF set: 3 pairs, two sizes, colour visible images, gray infrared."""
+    root = tmp_path_factory.mktemp("ds")
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"a": (24, 32), "b": (24, 32), "c": (20, 28)}.items():
+        _write(root / "vis" / f"{name}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        _write(root / "ir" / f"{name}.png", rng.integers(0, 256, (h, w), dtype=np.uint8))
+    return root
+
+
+def test_read_gray_follows_each_convention(tiny_dataset):
+    path = tiny_dataset / "vis" / "a.png"
+    rgb = np.asarray(Image.open(path), np.float64)
+    pil_l = np.asarray(Image.open(path).convert("L"))
+    np.testing.assert_array_equal(evaluate.read_gray_u8(path, "ivif_zoo"), pil_l)
+    cd = evaluate.read_gray_u8(path, "cddfuse")
+    want = np.round(rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114)
+    assert np.abs(cd.astype(int) - want).max() <= 1  # float32 arithmetic vs float64 here
+    assert np.abs(cd.astype(int) - pil_l).max() <= 1
+
+
+def test_baselines_and_folder_method_scores(tiny_dataset, tmp_path):
+    # A folder of "published" fused images: the per-pixel max, so it must score like `max`.
+    fused_dir = tmp_path / "published" / "tiny"
+    for name in ("a", "b", "c"):
+        v = evaluate.read_gray_u8(tiny_dataset / "vis" / f"{name}.png")
+        i = evaluate.read_gray_u8(tiny_dataset / "ir" / f"{name}.png")
+        _write(fused_dir / f"{name}.png", np.maximum(v, i))
+    methods = [
+        evaluate.Method("average", "baseline"),
+        evaluate.Method("max", "baseline"),
+        evaluate.parse_method(f"pub={tmp_path / 'published'}"),
+    ]
+    assert methods[2].kind == "folder"
+    specs = evaluate.parse_datasets(["tiny:bundle"], [str(tiny_dataset)])
+    rows = evaluate.evaluate(methods, specs, names=NAMES, progress=False, batch_size=2)
+    assert len(rows) == 9
+    by = {(r["method"], r["name"]): r for r in rows}
+    for name in ("a", "b", "c"):
+        v = evaluate.read_gray_u8(tiny_dataset / "vis" / f"{name}.png")
+        i = evaluate.read_gray_u8(tiny_dataset / "ir" / f"{name}.png")
+        avg = np.floor((v.astype(float) + i) / 2 + 0.5).astype(np.uint8)
+        want = metrics.compute(avg, i, v, names=NAMES)
+        for n in NAMES:
+            assert by[("average", name)][n] == pytest.approx(want[n], rel=1e-6), n
+            assert by[("pub", name)][n] == by[("max", name)][n]
+
+    summary = evaluate.summarize(rows, NAMES)
+    assert summary["max"]["tiny"]["n"] == 3
+    assert summary["max"]["tiny"]["EN"] == pytest.approx(
+        np.mean([by[("max", k)]["EN"] for k in "abc"])
+    )
+    table = evaluate.markdown_table(summary, ["tiny"], NAMES)
+    lines = table.splitlines()
+    assert lines[0] == "| Method | tiny EN | tiny SD | tiny SSIM |"
+    assert len(lines) == 5
+    best_sd = max(summary[m]["tiny"]["SD"] for m in summary)
+    bold = [ln for ln in lines[2:] if f"**{evaluate._fmt(best_sd)}**" in ln]
+    assert bold  # the best SD is bold (max and pub tie: both bold)
+    # with three methods the second best is underlined
+    assert "<u>" in table
+
+
+def test_cli_writes_table_csv_json_and_fused_images(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "eval"
+    table = evaluate.main(
+        [
+            f"--dataset=bundle={tiny_dataset}",
+            "--metrics=EN,SD",
+            f"--out={out}",
+            "--save_fused",
+            "--no_progress",
+        ]
+    )
+    assert capsys.readouterr().out.strip() == table
+    assert (out / "table.md").read_text().strip() == table
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and set(rows[0]) == {"method", "dataset", "name", "EN", "SD"}
+    data = json.loads((out / "results.json").read_text())
+    assert data["settings"]["convention"] == "ivif_zoo"
+    assert len(data["per_image"]) == 6
+    saved = np.asarray(Image.open(out / "fused" / "max" / "bundle" / "c.png"))
+    v = evaluate.read_gray_u8(tiny_dataset / "vis" / "c.png")
+    i = evaluate.read_gray_u8(tiny_dataset / "ir" / "c.png")
+    np.testing.assert_array_equal(saved, np.maximum(v, i))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset=tno"], "1 dataset(s) but 0 --root"),
+        (["--dataset=nope", "--root=x"], "unknown dataset preset"),
+        (["--dataset=tno", "--root=/nonexistent/tno"], "/nonexistent/tno"),
+        (["--dataset=bundle=DS", "--metrics=PSNR"], "unknown ['PSNR']"),
+        (["--dataset=bundle=DS", "--method=x=/nonexistent/run"], "/nonexistent/run"),
+        (["--dataset=bundle=DS", "--baselines=median"], "median"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(argv, message, tiny_dataset, capsys):
+    argv = [a.replace("DS", str(tiny_dataset)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv + ["--no_progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert message in err
+
+
+def test_missing_fused_file_names_it(tiny_dataset, tmp_path, capsys):
+    folder = tmp_path / "partial"
+    _write(folder / "a.png", np.zeros((24, 32), np.uint8))
+    with pytest.raises(SystemExit):
+        evaluate.main([f"--dataset=bundle={tiny_dataset}", f"--method=p={folder}", "--no_progress"])
+    err = capsys.readouterr().err
+    assert "fused image missing" in err and str(folder / "b") in err
+
+
+def test_average_baseline_on_real_tno_matches_metric_case(shared_data, metric_cases):
+    """The evaluator's average of TNO 01 is the reference case real_tno_01_avg, bit for bit."""
+    specs = evaluate.parse_datasets(["tno"], [str(shared_data / "tno" / "test")])
+    rows = evaluate.evaluate(
+        [evaluate.Method("average", "baseline")],
+        specs,
+        names=("EN", "SD"),
+        limit=1,
+        progress=False,
+    )
+    case = metric_cases / "real_tno_01_avg"
+    f, a, b = (np.asarray(Image.open(case / f"{n}.png")) for n in ("fused", "ir", "vis"))
+    want = metrics.compute(f, a, b, names=("EN", "SD"))
+    assert rows[0]["name"] == "01"
+    assert rows[0]["EN"] == pytest.approx(want["EN"], rel=1e-6)
+    assert rows[0]["SD"] == pytest.approx(want["SD"], rel=1e-6)
