@@ -191,3 +191,11 @@ def test_shared_data_batches(shared_data):
     assert batch["vis"].shape == (2, 64, 64, 1)
     assert batch["ir"].min() >= 0.0 and batch["ir"].max() <= 1.0  # bicubic overshoot clipped
     assert np.abs(batch["ir_cbcr"] - 0.5).max() > 0.05  # pseudo-colour PET keeps its chroma
+
+
+def test_packaged_samples_feed_the_demo():
+    c = data_config_lib.data_config()
+    c.dataset, c.root, c.image_size, c.batch_size = "samples", "", 64, 4
+    batch = next(iter(pipeline.from_config(c, process_index=0, process_count=1)))
+    assert batch["vis"].shape == (4, 64, 64, 1) and batch["ir"].shape == (4, 64, 64, 1)
+    assert sorted(batch["name"]) == ["00200D", "00964N", "FLIR_07555", "FLIR_08021"]
