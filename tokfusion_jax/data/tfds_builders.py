@@ -7,6 +7,8 @@ they are read back undecoded (`tfds.decode.SkipDecoding`) and decoded by
 
     from tokfusion_jax.data import tfds_builders, pipeline
     tfds_builders.prepare("msrs", manual_dir="data/MSRS", data_dir="tfds_data")
+    # or: python -m tokfusion_jax.data.tfds_builders --dataset=msrs --manual_dir=data/MSRS \\
+    #         --data_dir=tfds_data
     source = tfds_builders.data_source("msrs", split="train", data_dir="tfds_data")
     ds = pipeline.make_pipeline(source, batch_size=8)
 
@@ -220,3 +222,24 @@ def data_source(preset: str, split: str, data_dir: str) -> TfdsPairSource:
     medical = preset.startswith("harvard_")
     mods = ("mri", preset.split("_", 1)[1]) if medical else ("vis", "ir")
     return TfdsPairSource(ds, f"tfds:{BUILDER_NAMES[preset]}/{split}", mods)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m tokfusion_jax.data.tfds_builders --dataset=msrs --manual_dir=D --data_dir=OUT"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a TFDS array_record dataset.")
+    parser.add_argument("--dataset", required=True, choices=sorted(BUILDERS))
+    parser.add_argument("--manual_dir", required=True, help="the dataset as it ships")
+    parser.add_argument("--data_dir", required=True, help="TFDS data directory to write")
+    args = parser.parse_args(argv)
+    builder = prepare(args.dataset, args.manual_dir, args.data_dir)
+    for split, info in builder.info.splits.items():
+        print(f"{BUILDER_NAMES[args.dataset]}/{split}: {info.num_examples} pairs")
+    print(f"written to {builder.data_dir}")
+
+
+if __name__ == "__main__":
+    from tokfusion_jax.errors import cli_main
+
+    cli_main(main)()
