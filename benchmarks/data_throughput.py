@@ -47,8 +47,14 @@ def write_synthetic_pairs(root: str, count: int, size: tuple[int, int] = (480, 6
 
 
 def _tree_cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its live children (grain workers)."""
-    import psutil
+    """User + system CPU seconds of this process and its live children (grain workers).
+
+    NaN when psutil (installed with the `tfds` extra) is missing.
+    """
+    try:
+        import psutil
+    except ImportError:
+        return float("nan")
 
     me = psutil.Process()
     total = 0.0
@@ -86,7 +92,7 @@ def measure(
     close = getattr(it, "close", None)
     if close is not None:
         close()
-    return pairs / elapsed, pairs / max(cpu, 1e-9)
+    return pairs / elapsed, pairs / cpu if cpu > 0 else float("nan")
 
 
 def main() -> None:
