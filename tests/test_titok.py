@@ -1,0 +1,346 @@
+"""TiTok in Flax against the PyTorch twin (convert/titok_torch.py) and float64 NumPy formulas."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tokfusion_jax.errors import CheckpointError, ConfigError
+from tokfusion_jax.models import titok
+from tokfusion_jax.models.titok import TiTokConfig
+
+torch = pytest.importorskip("torch")
+from convert.titok import torch_to_flax  # noqa: E402
+from convert.titok_torch import TiTokEncoder, TiTokTorch, init_random_  # noqa: E402
+
+TOL = 1e-4  # max abs error allowed between Flax and PyTorch in float32
+
+FAMILIES = {
+    # legacy VQ, l2-normalised codebook, 1024-way-style head + soft codebook + pixel decoder
+    "legacy_vq": TiTokConfig.tiny(),
+    # single-stage VQ with an RGB head, no l2 norm (the *_vq8k family)
+    "vq_rgb": TiTokConfig.tiny(
+        is_legacy=False, use_l2_norm=False, token_size=16, codebook_size=96, num_tokens=16
+    ),
+    # VAE (the *_vae_c16 family), 64 px, 3 heads, different decoder width
+    "vae": TiTokConfig.tiny(
+        image_size=64,
+        is_legacy=False,
+        quantize_mode="vae",
+        token_size=8,
+        enc_heads=4,
+        dec_width=48,
+        dec_heads=3,
+    ),
+}
+
+
+def _images(batch: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((batch, size, size, 3), dtype=np.float32)
+
+
+def _pair(cfg: TiTokConfig, seed: int = 0) -> tuple[object, titok.Tokenizer]:
+    """A randomly initialised torch twin and the Flax tokenizer converted from it."""
+    model = init_random_(TiTokTorch(cfg).eval(), seed)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    return model, titok.from_params(cfg, torch_to_flax(state, cfg))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    cfg = FAMILIES[request.param]
+    model, tok = _pair(cfg)
+    x = _images(2, cfg.image_size, seed=1)
+    with torch.no_grad():
+        ref = model.encode(torch.from_numpy(x).permute(0, 3, 1, 2))
+        ref["image"] = model.decode(ref["z_quantized"]).permute(0, 2, 3, 1)
+        if cfg.is_legacy:
+            ref["logits"] = model.decoder(ref["z_quantized"]).permute(0, 2, 3, 1)
+    ref = {k: v.numpy() for k, v in ref.items()}
+    return cfg, model, tok, x, ref
+
+
+def _max_err(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def test_encode_matches_torch(family):
+    cfg, _, tok, x, ref = family
+    out = titok.encode(tok, x)
+    n, c = cfg.num_tokens, cfg.token_size
+    assert out.quantized.shape == out.continuous.shape == (2, n, c)
+    assert out.indices.shape == (2, n) and out.indices.dtype == jnp.int32
+    assert _max_err(out.continuous, ref["continuous"]) < TOL
+    assert _max_err(out.quantized, ref["quantized"]) < TOL
+    if cfg.quantize_mode == "vq":
+        np.testing.assert_array_equal(np.asarray(out.indices), ref["indices"])
+        assert len(np.unique(ref["indices"])) > 1  # a non-degenerate check
+    else:
+        assert (np.asarray(out.indices) == -1).all()
+        np.testing.assert_array_equal(out.quantized, out.continuous)  # VAE: the mode
+
+
+def test_decode_matches_torch(family):
+    cfg, model, tok, x, ref = family
+    out = titok.encode(tok, x)
+    image = titok.decode(tok, out.quantized)
+    assert image.shape == (2, cfg.image_size, cfg.image_size, 3)
+    assert _max_err(image, ref["image"]) < TOL
+    assert np.abs(ref["image"]).max() > 0.1
+    if cfg.is_legacy:
+        logits = titok.decode_logits(tok, out.quantized)
+        assert _max_err(logits, ref["logits"]) < TOL
+    if cfg.quantize_mode == "vq":
+        with torch.no_grad():
+            want = model.decode_tokens(torch.from_numpy(ref["indices"])).permute(0, 2, 3, 1)
+        assert _max_err(titok.decode_indices(tok, out.indices), want.numpy()) < TOL
+    else:
+        with pytest.raises(ConfigError, match="vae"):
+            titok.decode_indices(tok, out.indices)
+
+
+def test_legacy_projection_is_the_row_major_reshape():
+    """Token i mixes feature columns f = i (mod N) of every latent (float64 NumPy formula)."""
+    cfg = TiTokConfig.tiny(enc_width=64, num_tokens=8, token_size=12)
+    tok = titok.create(cfg, seed=3)
+    x = _images(2, cfg.image_size, seed=4)
+    p = tok.params["encoder"]
+    capture = functools.partial(
+        tok.model.apply,
+        method=titok.TiTok.encode,
+        capture_intermediates=lambda m, _: isinstance(m, nn.LayerNorm) and m.name == "ln_post",
+    )
+    _, state = jax.jit(capture)({"params": tok.params}, x)
+    h = np.asarray(state["intermediates"]["encoder"]["ln_post"]["__call__"][0], np.float64)
+    b, n, w = h.shape  # (B, N, W)
+    kernel = np.asarray(p["conv_out"]["kernel"], np.float64)  # (W, C)
+    bias = np.asarray(p["conv_out"]["bias"], np.float64)
+    want = np.zeros((b, n, cfg.token_size))
+    for i in range(n):
+        for c_in in range(w):
+            # conv input channel c_in at position i is flat[c_in * N + i] of h's row-major data
+            flat = c_in * n + i
+            want[:, i] += h[:, flat // w, flat % w][:, None] * kernel[c_in]
+    want += bias
+    got = titok.encode(tok, x).continuous
+    assert _max_err(got, want) < 1e-5
+
+
+def test_quantizer_against_numpy_and_first_minimum_on_ties():
+    k, c = 16, 6
+    rng = np.random.default_rng(0)
+    codebook = rng.standard_normal((k, c)).astype(np.float32)
+    codebook[9] = codebook[4] * 3.0  # same direction: a tie after l2 normalisation
+    z = rng.standard_normal((2, 5, c)).astype(np.float32)
+    z[0, 0] = codebook[4] * 0.5  # closest to both 4 and 9, equally
+    vq = titok.VectorQuantizer(k, c, use_l2_norm=True)
+    params = {"embedding": jnp.asarray(codebook)}
+    indices, quantized = vq.apply({"params": params}, z)
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+    z64, cb64 = unit(z.astype(np.float64)), unit(codebook.astype(np.float64))
+    dist = ((z64[:, :, None, :] - cb64[None, None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(np.asarray(indices), dist.argmin(-1))
+    assert int(indices[0, 0]) == 4
+    np.testing.assert_allclose(quantized, cb64[dist.argmin(-1)], atol=1e-6)
+
+    # Straight-through: d quantized / d z is the Jacobian of the l2 normalisation.
+    w = rng.standard_normal(z.shape).astype(np.float32)
+    grad = jax.grad(lambda zz: jnp.sum(vq.apply({"params": params}, zz)[1] * w))(z)
+    want = jax.grad(lambda zz: jnp.sum(titok.l2_normalize(zz) * w))(z)
+    np.testing.assert_allclose(grad, want, atol=1e-6)
+    assert np.abs(np.asarray(grad)).max() > 0
+
+
+def test_vae_sampling_uses_the_clamped_log_variance():
+    cfg = FAMILIES["vae"]
+    tok = titok.create(cfg, seed=1)
+    x = _images(2, cfg.image_size)
+    raw = functools.partial(tok.model.apply, method=_raw_z)
+    z = jax.jit(raw)({"params": tok.params}, x, tok.params["latent_tokens"])
+    mean, logvar = np.asarray(z[..., :8]), np.clip(np.asarray(z[..., 8:]), -30, 20)
+    key = jax.random.key(7)
+    out = titok.encode(tok, x, rng=key)
+    eps = np.asarray(jax.random.normal(key, mean.shape))
+    np.testing.assert_allclose(out.quantized, mean + np.exp(logvar / 2) * eps, atol=1e-5)
+    np.testing.assert_allclose(out.continuous, mean, atol=1e-6)
+
+
+def _raw_z(model: titok.TiTok, images, latent_tokens):
+    return model.encoder(images, latent_tokens)
+
+
+def test_encode_inside_user_jit_with_traced_tokenizer_and_bf16():
+    cfg = FAMILIES["vq_rgb"]
+    tok = titok.create(cfg, seed=0)
+    x = jnp.asarray(_images(4, cfg.image_size))
+
+    @jax.jit
+    def step(tokenizer, images, delta):
+        z = jax.lax.stop_gradient(titok.encode(tokenizer, images).quantized)
+        rec = titok.decode(tokenizer, z + delta)
+        grad = jax.grad(lambda d: jnp.mean(titok.decode(tokenizer, z + d) ** 2))(delta)
+        return jnp.mean((rec - images) ** 2), grad
+
+    delta = jnp.zeros((cfg.num_tokens, cfg.token_size))
+    loss, grad = step(tok, x, delta)
+    want = jnp.mean((titok.decode(tok, titok.encode(tok, x).quantized) - x) ** 2)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    assert grad.shape == delta.shape and float(jnp.abs(grad).max()) > 0
+    # Different weights, same static structure: no retrace, different result.
+    tok2 = tok.replace(params=jax.tree_util.tree_map(lambda p: p * 1.01, tok.params))
+    assert step._cache_size() == 1
+    assert float(step(tok2, x, delta)[0]) != float(loss)
+    assert step._cache_size() == 1
+
+    f32 = titok.encode(tok, x)
+    bf16 = titok.encode(tok, x, dtype=jnp.bfloat16)
+    assert bf16.quantized.dtype == jnp.float32 and bf16.continuous.dtype == jnp.float32
+    assert _max_err(bf16.continuous, f32.continuous) < 0.1
+    assert jax.tree_util.tree_leaves(tok.params)[0].dtype == jnp.float32
+
+
+def test_sharded_encode_matches_single_device(tmp_path):
+    devices = jax.devices()
+    assert len(devices) == 8
+    cfg = TiTokConfig.tiny()
+    path = titok.save(titok.create(cfg, seed=2), tmp_path / "tok")
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    tok = titok.load(path, sharding=mesh)
+    leaf = jax.tree_util.tree_leaves(tok.params)[0]
+    assert len(leaf.sharding.device_set) == 8  # replicated over the mesh
+    x = _images(8, cfg.image_size, seed=5)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    sharded = titok.encode(tok, jax.device_put(x, batch_sharding))
+    assert len(sharded.quantized.sharding.device_set) == 8
+    single = titok.encode(titok.load(path), x)
+    np.testing.assert_allclose(sharded.continuous, single.continuous, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(sharded.indices), np.asarray(single.indices))
+
+
+def test_save_load_roundtrip_and_metadata(tmp_path):
+    cfg = FAMILIES["vq_rgb"]
+    tok = titok.create(cfg, seed=4)
+    path = titok.save(tok, tmp_path / "a" / "tok", metadata={"note": "x"})
+    meta = json.loads((path / "tokenizer.json").read_text())
+    assert meta["params_sha256"] == tok.sha256 == titok.params_sha256(tok.params)
+    assert meta["param_count"] == tok.num_params and meta["note"] == "x"
+    back = titok.load(path)
+    assert back.config == cfg and back.sha256 == tok.sha256
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(tok.params), leaves(back.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Saving another tokenizer over it replaces it whole.
+    other = titok.create(cfg, seed=5)
+    titok.save(other, path)
+    assert titok.load(path).sha256 == other.sha256 != tok.sha256
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tok"]  # no temp dirs left
+
+
+def test_save_is_atomic_and_refuses_foreign_dirs(tmp_path, monkeypatch):
+    tok = titok.create(TiTokConfig.tiny(), seed=0)
+    path = titok.save(tok, tmp_path / "tok")
+    before = (path / "tokenizer.json").read_text()
+
+    def boom(new, path):
+        assert (new / "tokenizer.json").is_file() and (new / "params").is_dir()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(titok, "_swap_in", boom)
+    with pytest.raises(OSError, match="disk full"):
+        titok.save(titok.create(TiTokConfig.tiny(), seed=1), path)
+    monkeypatch.undo()
+    assert (path / "tokenizer.json").read_text() == before
+    assert titok.load(path).sha256 == tok.sha256
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "keep.jpg").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="not a TiTok tokenizer directory"):
+        titok.save(tok, foreign)
+    assert (foreign / "keep.jpg").read_bytes() == b"x"
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        titok.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: missing"):
+        titok.load(tmp_path / "empty")
+    path = titok.save(titok.create(TiTokConfig.tiny(), seed=0), tmp_path / "tok")
+    meta = path / "tokenizer.json"
+    good = meta.read_text()
+    meta.write_text("{truncated")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        titok.load(path)
+    record = json.loads(good)
+    record["architecture"]["enc_width"] = 63
+    meta.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="enc_width"):
+        titok.load(path)
+    record = json.loads(good)
+    record["architecture"]["enc_depth"] = 3  # params on disk have depth 2
+    meta.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="params"):
+        titok.load(path)
+
+
+def test_config_variants_and_validation():
+    l32 = TiTokConfig.variant("l32")
+    assert (l32.enc_width, l32.enc_depth, l32.enc_heads, l32.num_tokens) == (1024, 24, 16, 32)
+    assert TiTokConfig.variant("tokenizer_titok_b64_imagenet") == TiTokConfig.variant("b64")
+    vae = TiTokConfig.variant("ll32_vae_c16")
+    assert vae.encoder_out_channels == 32 and not vae.has_pixel_decoder
+    for name in titok.VARIANT_NAMES:
+        cfg = TiTokConfig.variant(name)
+        assert TiTokConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match="unknown TiTok variant 'l33'"):
+        TiTokConfig.variant("l33")
+    with pytest.raises(ConfigError, match="patch_size"):
+        TiTokConfig.tiny(image_size=36)
+    with pytest.raises(ConfigError, match="pixel_channel_mult"):
+        TiTokConfig.tiny(pixel_channel_mult=(1, 2))
+    with pytest.raises(ConfigError, match="unknown TiTok config keys"):
+        TiTokConfig.from_dict({"width": 3})
+    tok = titok.create(TiTokConfig.tiny(), seed=0)
+    with pytest.raises(ConfigError, match=r"\(B, 32, 32, 3\)"):
+        titok.encode(tok, jnp.zeros((1, 64, 64, 3)))
+    with pytest.raises(ConfigError, match=r"\(B, 8, 12\)"):
+        titok.decode(tok, jnp.zeros((1, 8, 16)))
+
+
+@pytest.mark.slow
+def test_full_l32_encoder_and_quantizer_match_torch():
+    """The real TiTok-L-32 encoder + quantizer shapes, random weights, one 256x256 image."""
+    cfg = TiTokConfig.variant("l32")
+    with torch.device("meta"):
+        encoder = TiTokEncoder(cfg)
+    encoder = init_random_(encoder.to_empty(device="cpu"), seed=0).eval()
+    rng = np.random.default_rng(0)
+    latent = (rng.standard_normal((32, 1024)) / 32).astype(np.float32)
+    codebook = rng.standard_normal((4096, 12)).astype(np.float32)
+    state = {"encoder." + k: v.numpy() for k, v in encoder.state_dict().items()}
+    state.update({"latent_tokens": latent, "quantize.embedding.weight": codebook})
+    params = torch_to_flax(state, cfg, partial=True)
+    del state
+    tok = titok.Tokenizer(model=titok.TiTok(cfg), params=params, config=cfg)
+    x = _images(1, 256, seed=6)
+    out = titok.encode(tok, x)
+    with torch.inference_mode():
+        z = encoder(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(latent))
+    cont = z[:, :, 0, :].transpose(1, 2).numpy()  # (1, 32, 12)
+    assert _max_err(out.continuous, cont) < TOL
+    unit = cont / np.linalg.norm(cont, axis=-1, keepdims=True)
+    cb = codebook / np.linalg.norm(codebook, axis=-1, keepdims=True)
+    indices = np.argmax(unit @ cb.T, axis=-1)  # nearest on the sphere = max cosine
+    np.testing.assert_array_equal(np.asarray(out.indices), indices)
+    np.testing.assert_allclose(out.quantized, cb[indices], atol=1e-5)
