@@ -286,9 +286,12 @@ def evaluate(
                     out_imgs = [f.astype(np.float32) / 255.0 for f in fused8]
                 else:
                     assert loaded is not None and m.fuse_fn is not None
-                    y = m.fuse_fn(
-                        np.stack([lp.vis_y for lp in loaded]), np.stack([lp.ir_y for lp in loaded])
+                    y = fuselib.fuse_padded(
+                        m.fuse_fn,
+                        np.stack([lp.vis_y for lp in loaded]),
+                        np.stack([lp.ir_y for lp in loaded]),
                     )
+
                     out_imgs = [fuselib.stretch_to_unit(yi) for yi in np.asarray(y)]
                     fused8 = [fuselib.to_uint8(o) for o in out_imgs]
                 for r, f8, v8, i8 in zip(recs, fused8, vis8, ir8, strict=True):

@@ -98,6 +98,20 @@ def group_same_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[l
     return chunks
 
 
+def fuse_padded(fuse_fn: FuseFn, vis: np.ndarray, ir: np.ndarray) -> np.ndarray:
+    """Calls `fuse_fn` on a batch padded (by repeating its last pair) to a power of two.
+
+    (B, H, W) -> (B, H, W). Partial batches then reuse a few compiled shapes instead of one
+    compile per leftover count.
+    """
+    n = vis.shape[0]
+    padded = 1 << (n - 1).bit_length()
+    if padded != n:
+        vis = np.concatenate([vis, np.repeat(vis[-1:], padded - n, axis=0)])
+        ir = np.concatenate([ir, np.repeat(ir[-1:], padded - n, axis=0)])
+    return np.asarray(fuse_fn(vis, ir)).reshape(vis.shape)[:n]
+
+
 def _list_images(folder: str, what: str) -> dict[str, str]:
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: {what} folder not found")
@@ -160,7 +174,7 @@ def fuse_pairs(
         loaded = [load_pair(todo[i].vis, todo[i].ir, color_from, keep_color) for i in chunk]
         vis = np.stack([lp.vis_y for lp in loaded])  # (B, H, W)
         ir = np.stack([lp.ir_y for lp in loaded])
-        fused = np.asarray(fuse_fn(vis, ir)).reshape(vis.shape)
+        fused = fuse_padded(fuse_fn, vis, ir)
         for i, lp, y in zip(chunk, loaded, fused, strict=True):
             out = todo[i].out
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -197,10 +211,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument(
         "--color",
-        action=argparse.BooleanOptionalAction,
+        dest="color",
+        action="store_true",
         default=True,
-        help="restore Cb/Cr from the colour source (default on)",
+        help="restore Cb/Cr from the colour source (the default)",
     )
+    p.add_argument("--nocolor", dest="color", action="store_false", help="save gray")
+
     p.add_argument(
         "--color_from",
         choices=("vis", "ir"),
