@@ -28,6 +28,7 @@ Outputs (``RUN/probe`` by default): ``ste.json`` (the config snippet; load it wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -181,12 +182,17 @@ class ProbeSettings:
 
 @flax.struct.dataclass
 class ProbeState:
-    """Everything the position probe carries between steps (a pytree)."""
+    """Everything the position probe carries between steps (a pytree).
+
+    Slots are padded to ``max_slots`` so that every slot budget runs the same compiled step;
+    ``active`` switches the padding slots off (they edit nothing and learn nothing).
+    """
 
     step: Array  # () int32
     params: dict[str, Array]  # logits (Ms, S, N), raw_offsets (Mo, S, C)
     opt_state: Any
     counts: Array  # (M, S, N) float32 hard selections over the counting window
+    active: Array  # (S,) float32: 1 for the slots of this budget, 0 for padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +203,8 @@ class PositionResult:
     probs: np.ndarray  # (M, S, N) softmax of the selector logits: Figure 6
     frequency: np.ndarray  # (M, S, N) hard-selection frequency (rows sum to 1): Figure 5
     offsets: np.ndarray  # (M, S, C) learned offsets (bounded)
-    history: list[dict[str, float]]  # objective and temperature along the run
-    scales: dict[str, float]  # each term's value at the unperturbed tokens
+    history: list[dict[str, float]]  # objective, temperature, unperturbed terms along the run
+    scales: dict[str, float]  # each term's mean at the unperturbed tokens (first batch)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -230,12 +236,19 @@ def _channel_mask(channels: Sequence[int], dim: int) -> Array:
     return jnp.zeros((dim,), jnp.float32).at[jnp.asarray(channels)].set(1.0)
 
 
-def objective(terms: Mapping[str, Array], weights: Mapping[str, float], scales: Mapping) -> Array:
-    """sum_k w_k * mean_b(term_k) / |scale_k| / sum_k w_k: a scale-free score (1 at the start)."""
+def normalized_objective(
+    terms: Mapping[str, Array], base: Mapping[str, Array], weights: Mapping[str, float]
+) -> Array:
+    """sum_k w_k mean_b(term_k) / |mean_b(base_k)| / sum_k w_k: 1 at the unperturbed tokens.
+
+    ``base`` holds the terms of the same batch at the unperturbed tokens, so every term is
+    measured relative to its own scale (EI ~ 50 and SSIM ~ 1 weigh the same).
+    """
     total = sum(weights.values())
     out = 0.0
     for name, w in weights.items():
-        out = out + w * jnp.mean(terms[name]) / scales[name]
+        scale = jnp.maximum(jnp.abs(jnp.mean(base[name])), 1e-8)
+        out = out + w * jnp.mean(terms[name]) / jax.lax.stop_gradient(scale)
     return out / total
 
 
@@ -248,36 +261,14 @@ def _check_terms(terms: Mapping[str, Any], weights: Mapping[str, float]) -> None
         )
 
 
-def term_scales(
-    token_fn: TokenFn,
-    terms_fn: TermsFn,
-    batch: Batch,
-    weights: Mapping[str, float],
-    frozen: Any = None,
-) -> dict[str, float]:
-    """Each weighted term's |mean| at the unperturbed tokens (the normalisers)."""
-
-    def terms_at_start(fz, b):
-        return terms_fn(fz, jax.lax.stop_gradient(token_fn(fz, b)), b)
-
-    terms = jax.jit(terms_at_start)(frozen, batch)
-    _check_terms(terms, weights)
-    scales = {}
-    for name in weights:
-        value = float(jnp.abs(jnp.mean(terms[name])))
-        scales[name] = value if value > 1e-8 else 1.0
-    return scales
-
-
-def _overlap(logits: Array) -> Array:
-    """Mean over modalities and slot pairs s < t of sum_n p_s,n p_t,n (0 if one slot)."""
-    p = jax.nn.softmax(logits, axis=-1)  # (Ms, S, N)
-    s = p.shape[1]
-    if s < 2:
-        return jnp.zeros((), jnp.float32)
+def _overlap(logits: Array, active: Array) -> Array:
+    """Mean over modalities and active slot pairs s < t of sum_n p_s,n p_t,n (0 if one slot)."""
+    p = jax.nn.softmax(logits, axis=-1) * active[None, :, None]  # (Ms, S, N)
     gram = jnp.einsum("msn,mtn->mst", p, p)
-    upper = jnp.triu(jnp.ones((s, s)), k=1)
-    return jnp.sum(gram * upper) / (p.shape[0] * s * (s - 1) / 2)
+    upper = jnp.triu(jnp.ones(gram.shape[1:]), k=1)
+    k = jnp.sum(active)
+    pairs = jnp.maximum(k * (k - 1) / 2, 1.0)
+    return jnp.sum(gram * upper) / (p.shape[0] * pairs)
 
 
 def make_probe_step(
@@ -286,9 +277,7 @@ def make_probe_step(
     settings: ProbeSettings,
     optimizer: optax.GradientTransformation,
     *,
-    num_modalities: int,
     dim: int,
-    scales: Mapping[str, float],
 ) -> Callable[[ProbeState, Any, Batch, Array], tuple[ProbeState, dict[str, Array]]]:
     """The (un-jitted) pure step ``(state, frozen, batch, rng) -> (state, metrics)``."""
     weights = dict(settings.weights)
@@ -296,21 +285,22 @@ def make_probe_step(
     anneal_steps = max(1, int(round(settings.anneal_fraction * settings.steps)))
     count_from = settings.steps - max(1, int(round(settings.count_fraction * settings.steps)))
 
-    def loss_fn(params, frozen, tokens, batch, rng, tau):
+    def loss_fn(params, active, frozen, tokens, base, batch, rng, tau):
         b, m = tokens.shape[:2]
         logits = _broadcast_modalities(params["logits"], m)  # (M, S, N)
         noise_logits = jnp.broadcast_to(logits[None], (b,) + logits.shape)  # (B, M, S, N)
         y = gumbel_softmax(rng, noise_logits, tau, hard=settings.hard)
+        y = y * active[None, None, :, None]  # padding slots edit nothing
         offsets = _bounded(_broadcast_modalities(params["raw_offsets"], m), settings.offset_scale)
         edited = edit_tokens(tokens, y, offsets, channel_mask)
-        terms = terms_fn(frozen, edited, batch)
-        score = objective(terms, weights, scales)
-        loss = -score + settings.diversity * _overlap(params["logits"])
+        score = normalized_objective(terms_fn(frozen, edited, batch), base, weights)
+        loss = -score + settings.diversity * _overlap(params["logits"], active)
         hard = jax.nn.one_hot(jnp.argmax(y, axis=-1), y.shape[-1])  # (B, M, S, N)
         return loss, (score, jnp.sum(hard, axis=0))
 
     def step(state: ProbeState, frozen: Any, batch: Batch, rng: Array):
         tokens = jax.lax.stop_gradient(token_fn(frozen, batch))  # (B, M, N, C)
+        base = jax.lax.stop_gradient(terms_fn(frozen, tokens, batch))  # {name: (B,)}
         tau = temperature(
             state.step,
             tau_start=settings.tau_start,
@@ -319,7 +309,7 @@ def make_probe_step(
             mode=settings.anneal,
         )
         (loss, (score, hard)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, frozen, tokens, batch, rng, tau
+            state.params, state.active, frozen, tokens, base, batch, rng, tau
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -330,9 +320,10 @@ def make_probe_step(
             opt_state=opt_state,
             counts=state.counts + counting * hard,
         )
-        return new_state, {"loss": loss, "objective": score, "tau": tau}
+        metrics = {"loss": loss, "objective": score, "tau": tau}
+        metrics.update({f"base_{k}": jnp.mean(base[k]) for k in weights})
+        return new_state, metrics
 
-    del num_modalities
     return step
 
 
@@ -345,20 +336,23 @@ def init_probe_state(
     num_modalities: int,
     num_tokens: int,
     dim: int,
+    max_slots: int | None = None,
 ) -> ProbeState:
-    """Uniform selectors (zero logits), small random offsets."""
+    """Uniform selectors (zero logits), small random offsets; slots padded to ``max_slots``."""
+    total = max(num_slots, max_slots or num_slots)
     ms = 1 if settings.shared_selector else num_modalities
     mo = 1 if settings.shared_offsets else num_modalities
     params = {
-        "logits": jnp.zeros((ms, num_slots, num_tokens), jnp.float32),
+        "logits": jnp.zeros((ms, total, num_tokens), jnp.float32),
         "raw_offsets": settings.offset_init_std
-        * jax.random.normal(rng, (mo, num_slots, dim), jnp.float32),
+        * jax.random.normal(rng, (mo, total, dim), jnp.float32),
     }
     return ProbeState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
-        counts=jnp.zeros((num_modalities, num_slots, num_tokens), jnp.float32),
+        counts=jnp.zeros((num_modalities, total, num_tokens), jnp.float32),
+        active=(jnp.arange(total) < num_slots).astype(jnp.float32),
     )
 
 
@@ -398,6 +392,18 @@ def _mesh_shardings(mesh: Any) -> tuple[Any, Any]:
     return sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_step(
+    token_fn: TokenFn, terms_fn: TermsFn, settings: ProbeSettings, dim: int, mesh: Any
+) -> Callable:
+    """One jitted step per (problem, settings, mesh): every slot budget reuses it."""
+    step = make_probe_step(token_fn, terms_fn, settings, optax.adam(settings.lr), dim=dim)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,))
+    repl = _mesh_shardings(mesh)[1]
+    return jax.jit(step, out_shardings=(repl, repl), donate_argnums=(0,))
+
+
 def probe_positions(
     token_fn: TokenFn,
     terms_fn: TermsFn,
@@ -405,6 +411,7 @@ def probe_positions(
     settings: ProbeSettings,
     *,
     num_slots: int,
+    max_slots: int | None = None,
     frozen: Any = None,
     mesh: Any = None,
     progress: bool = False,
@@ -413,7 +420,8 @@ def probe_positions(
 
     ``batches`` yields at least ``settings.steps`` batches (numeric entries are put on ``mesh``
     with the batch axis split over its devices; the probe state and ``frozen`` are replicated).
-    Deterministic for a fixed ``settings.seed`` and batch stream.
+    Budgets probed with the same ``max_slots`` share one compiled step. Deterministic for a
+    fixed ``settings.seed`` and batch stream.
     """
     if num_slots < 1:
         raise ConfigError(f"probe slots={num_slots} must be >= 1")
@@ -422,35 +430,36 @@ def probe_positions(
     first = _shard(next(iterator), batch_sh)
     if mesh is not None:
         frozen = jax.device_put(frozen, repl_sh)
-    shape = jax.eval_shape(token_fn, frozen, first).shape
-    if len(shape) != 4:
-        raise ConfigError(f"token_fn must return (B, M, N, C) tokens, got shape {shape}")
-    _, m, n, c = shape
-    weights = dict(settings.weights)
-    scales = term_scales(token_fn, terms_fn, first, weights, frozen)
-    optimizer = optax.adam(settings.lr)
+    tokens = jax.eval_shape(token_fn, frozen, first)
+    if len(tokens.shape) != 4:
+        raise ConfigError(f"token_fn must return (B, M, N, C) tokens, got shape {tokens.shape}")
+    _, m, n, c = tokens.shape
+    if num_slots > n:
+        raise ConfigError(f"probe slots={num_slots} exceeds the number of tokens N={n}")
+    _check_terms(jax.eval_shape(terms_fn, frozen, tokens, first), dict(settings.weights))
     key = jax.random.PRNGKey(settings.seed)
     init_key, run_key = jax.random.split(key)
     state = init_probe_state(
-        init_key, settings, optimizer, num_slots=num_slots, num_modalities=m, num_tokens=n, dim=c
-    )
-    step_fn = make_probe_step(
-        token_fn, terms_fn, settings, optimizer, num_modalities=m, dim=c, scales=scales
+        init_key,
+        settings,
+        optax.adam(settings.lr),
+        num_slots=num_slots,
+        num_modalities=m,
+        num_tokens=n,
+        dim=c,
+        max_slots=max_slots,
     )
     if mesh is not None:
         state = jax.device_put(state, repl_sh)
-        step_fn = jax.jit(step_fn, out_shardings=(repl_sh, repl_sh), donate_argnums=(0,))
-    else:
-        step_fn = jax.jit(step_fn, donate_argnums=(0,))
+    step_fn = _compiled_step(token_fn, terms_fn, settings, c, mesh)
 
-    history: list[dict[str, float]] = []
     pending = []
     log_every = max(1, settings.steps // 20)
     steps = range(settings.steps)
     if progress:
         from tqdm import tqdm
 
-        steps = tqdm(steps, desc=f"probe positions (S={num_slots})", leave=False)
+        steps = tqdm(steps, desc=f"probe positions ({num_slots} slots)", leave=False)
     batch = first
     for i in steps:
         if i > 0:
@@ -463,21 +472,22 @@ def probe_positions(
         state, metrics = step_fn(state, frozen, batch, jax.random.fold_in(run_key, i))
         if i % log_every == 0 or i == settings.steps - 1:
             pending.append((i, metrics))
-    for i, metrics in pending:  # fetched once at the end: no host sync inside the loop
-        history.append({"step": i, **{k: float(v) for k, v in metrics.items()}})
+    # Fetched once at the end: no host sync inside the loop.
+    history = [{"step": i, **{k: float(v) for k, v in mt.items()}} for i, mt in pending]
 
-    logits = _broadcast_modalities(state.params["logits"], m)
+    sl = slice(0, num_slots)
+    logits = _broadcast_modalities(state.params["logits"], m)[:, sl]
     log_probs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
-    counts = np.asarray(state.counts, np.float64)
+    counts = np.asarray(state.counts, np.float64)[:, sl]
     frequency = counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
-    offsets = _bounded(_broadcast_modalities(state.params["raw_offsets"], m), settings.offset_scale)
+    raw = _broadcast_modalities(state.params["raw_offsets"], m)[:, sl]
     return PositionResult(
         positions=choose_positions(log_probs),
         probs=np.exp(log_probs),
         frequency=frequency,
-        offsets=np.asarray(offsets),
+        offsets=np.asarray(_bounded(raw, settings.offset_scale)),
         history=history,
-        scales=scales,
+        scales={k: history[0][f"base_{k}"] for k, _ in settings.weights},
     )
 
 
@@ -774,6 +784,7 @@ def run_probe(
             make_batches(settings.seed + budget),
             settings,
             num_slots=budget,
+            max_slots=max(slots),
             frozen=frozen,
             mesh=mesh,
             progress=progress,
