@@ -549,6 +549,11 @@ def _local(path: Path) -> tuple[Path, Path | None, dict[str, Any]]:
 
 
 def _download(repo_id: str) -> tuple[Path, Path | None, dict[str, Any]]:
+    """Fetches model.safetensors (+ config.json) with huggingface_hub, or its cached copy.
+
+    Offline (HF_HUB_OFFLINE set, or the hub's host does not resolve) only the local cache is
+    tried, so the command fails at once instead of retrying for half a minute.
+    """
     hint = "download model.safetensors yourself and pass its local path as --source"
     try:
         import huggingface_hub
@@ -557,18 +562,40 @@ def _download(repo_id: str) -> tuple[Path, Path | None, dict[str, Any]]:
         raise CheckpointError(
             f"{repo_id}: huggingface_hub is not installed (pip install '.[hub]'); or {hint}"
         ) from None
-    if constants.HF_HUB_OFFLINE:
-        raise CheckpointError(f"{repo_id}: cannot download, HF_HUB_OFFLINE is set; {hint}")
+    offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _unreachable(constants)
+
+    def fetch(filename: str) -> Path:
+        return Path(
+            huggingface_hub.hf_hub_download(repo_id, filename, local_files_only=bool(offline))
+        )
+
     try:
-        weights = huggingface_hub.hf_hub_download(repo_id, "model.safetensors")
+        weights = fetch("model.safetensors")
     except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        if offline:
+            raise CheckpointError(
+                f"{repo_id}: offline ({offline}) and not cached; {hint}"
+            ) from None
         msg = " ".join(str(e).split())[:200]
         raise CheckpointError(f"{repo_id}: download failed ({msg}); {hint}") from None
     try:
-        config = Path(huggingface_hub.hf_hub_download(repo_id, "config.json"))
+        config: Path | None = fetch("config.json")
     except Exception:
         config = None
-    return Path(weights), config, {"repo_id": repo_id, "file": "model.safetensors"}
+    return weights, config, {"repo_id": repo_id, "file": "model.safetensors"}
+
+
+def _unreachable(constants: Any) -> str:
+    """'' when the hub's host resolves, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"cannot resolve {host}: {e.strerror or e}"
+    return ""
 
 
 def file_sha256(path: Path) -> str:

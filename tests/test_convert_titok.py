@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -311,12 +312,21 @@ def test_hub_repo_id_offline_fails_at_once_with_a_hint(tmp_path, capsys, monkeyp
     pytest.importorskip("huggingface_hub")
     from huggingface_hub import constants
 
+    repo = "yucornetto/tokenizer_titok_l32_imagenet"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # nothing cached
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    err = _cli_error(
-        capsys, "--source", "yucornetto/tokenizer_titok_l32_imagenet", "--out", str(tmp_path / "o")
-    )
-    assert "yucornetto/tokenizer_titok_l32_imagenet" in err and "HF_HUB_OFFLINE" in err
+    start = time.monotonic()
+    err = _cli_error(capsys, "--source", repo, "--out", str(tmp_path / "o"))
+    assert repo in err and "HF_HUB_OFFLINE is set" in err and "not cached" in err
     assert "pass its local path as --source" in err
+    # No network and no offline flag: the unresolvable host is noticed before any retry loop.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    err = _cli_error(capsys, "--source", repo, "--out", str(tmp_path / "o"))
+    assert "cannot resolve hub.invalid" in err and "pass its local path" in err
+    assert time.monotonic() - start < 20
+    assert not (tmp_path / "o").exists()
 
 
 def test_directory_source_uses_its_config_json(tmp_path, tiny_state):

@@ -352,15 +352,16 @@ class TiTokEncoder(nn.Module):
             padding="VALID",
             dtype=self.dtype,
             name="patch_embed",
-        )(images.astype(self.dtype))  # (B, g, g, W)
+        )(images.astype(self.dtype))
+        x = x.astype(jnp.float32)  # (B, g, g, W); the residual stream stays float32
         x = x.reshape(batch, grid * grid, width)  # patch p = row * g + col
         cls = _embedding("class_embedding", (1, width), self)
         pos = _embedding("positional_embedding", (grid * grid + 1, width), self)
         latent_pos = _embedding("latent_token_positional_embedding", (n, width), self)
         cls = jnp.broadcast_to(cls[None], (batch, 1, width))
-        x = jnp.concatenate([cls.astype(x.dtype), x], axis=1) + pos.astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1) + pos
         latents = jnp.broadcast_to((latent_tokens + latent_pos)[None], (batch, n, width))
-        x = jnp.concatenate([x, latents.astype(x.dtype)], axis=1)  # (B, 1 + g*g + N, W)
+        x = jnp.concatenate([x, latents], axis=1)  # (B, 1 + g*g + N, W)
         x = _f32_norm(_layer_norm("ln_pre"), x)
         x = Transformer(
             width,
@@ -395,13 +396,15 @@ class TiTokDecoder(nn.Module):
         cfg = self.config
         width, grid, n = cfg.dec_width, cfg.grid_size, cfg.num_tokens
         batch = tokens.shape[0]
-        z = nn.Dense(width, dtype=self.dtype, name="decoder_embed")(tokens.astype(self.dtype))
-        z = z + _embedding("latent_token_positional_embedding", (n, width), self).astype(z.dtype)
+        z = nn.Dense(width, dtype=self.dtype, name="decoder_embed")(tokens)
+        z = z.astype(jnp.float32) + _embedding(
+            "latent_token_positional_embedding", (n, width), self
+        )
         mask = self.param("mask_token", nn.initializers.normal(width**-0.5), (1, 1, width))
         cls = _embedding("class_embedding", (1, width), self)
         pos = _embedding("positional_embedding", (grid * grid + 1, width), self)
         x = jnp.concatenate([cls[None], jnp.broadcast_to(mask, (1, grid * grid, width))], axis=1)
-        x = jnp.broadcast_to((x + pos[None]).astype(z.dtype), (batch, grid * grid + 1, width))
+        x = jnp.broadcast_to(x + pos[None], (batch, grid * grid + 1, width))
         x = jnp.concatenate([x, z], axis=1)  # (B, 1 + g*g + N, W)
         x = _f32_norm(_layer_norm("ln_pre"), x)
         x = Transformer(
