@@ -119,6 +119,7 @@ def test_pairs_by_stem_with_mixed_extensions(tmp_path):
         ("roadscene", "vis", "ir", ("vis", "ir")),
         ("tno", "vi", "ir", ("vis", "ir")),
         ("tno", "VIS", "IR", ("vis", "ir")),
+        ("tno", "Test_vi", "Test_ir", ("vis", "ir")),
         ("m3fd", "Vis", "Ir", ("vis", "ir")),
         ("m3fd", "vis", "ir", ("vis", "ir")),
         ("harvard_ct", "MRI", "CT", ("mri", "ct")),

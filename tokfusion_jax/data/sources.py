@@ -23,12 +23,14 @@ from tokfusion_jax.data import io as imio
 from tokfusion_jax.errors import DataError
 
 # Layouts per preset, tried in order: (vis-slot folder, ir-slot folder). Folder names match
-# case-insensitively. Each preset also accepts the bundle layout of its own dataset.
+# case-insensitively. Each preset also accepts the bundle layout of its own dataset. Layouts
+# that cannot be paired by file stem (the original TNO release's per-scene folders, flat
+# folders of IR*/VIS* files) are read through a manifest (preset "manifest").
 IVIF_BUNDLE = (("vis", "ir"), ("vi", "ir"))
 PRESET_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "msrs": (("vi", "ir"), ("vis", "ir")),
     "roadscene": (("crop_LR_visible", "cropinfrared"), *IVIF_BUNDLE),
-    "tno": (*IVIF_BUNDLE, ("visible", "infrared")),
+    "tno": (*IVIF_BUNDLE, ("visible", "infrared"), ("Test_vi", "Test_ir")),  # last: FusionGAN
     "m3fd": (("Vis", "Ir"), *IVIF_BUNDLE),
     "harvard_ct": (("MRI", "CT"),),
     "harvard_pet": (("MRI", "PET"),),
