@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tokfusion_jax.errors import CheckpointError
@@ -93,10 +95,14 @@ class Checkpointer:
         """Starts saving (asynchronously when enabled); returns whether a save was started."""
         if step in self.manager.all_steps():
             return False
+        # Replicated device arrays are copied to the host once here: orbax then writes plain
+        # numpy arrays (no per-device slicing), and the caller may donate the device buffers
+        # while an asynchronous save is still writing.
+        host_state = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), state)
         return self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.StandardSave(host_state),
                 meta=ocp.args.JsonSave(dict(meta)),
                 data=ocp.args.JsonSave(encode_iterator_state(iterator_state)),
             ),
@@ -110,13 +116,17 @@ class Checkpointer:
         return dict(out["meta"])
 
     def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[PyTree, dict, Any]:
-        """Restores (state, meta, iterator_state); ``abstract_state`` fixes shapes and shardings."""
+        """Restores (state, meta, iterator_state); ``abstract_state`` fixes shapes and shardings.
+
+        Leaves come back as device arrays with the abstract leaves' shardings (when given).
+        """
         step = self._resolve(step)
+        host_target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract_state)
         try:
             out = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
+                    state=ocp.args.StandardRestore(host_target),
                     meta=ocp.args.JsonRestore(),
                     data=ocp.args.JsonRestore(),
                 ),
@@ -126,7 +136,24 @@ class Checkpointer:
                 f"cannot restore {self.step_path(step)}: it does not match this model/config "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             ) from None
-        return out["state"], dict(out["meta"]), decode_iterator_state(out["data"])
+        for (path, got), want in zip(
+            jax.tree_util.tree_flatten_with_path(out["state"])[0],
+            jax.tree_util.tree_leaves(abstract_state),
+            strict=True,
+        ):
+            if np.shape(got) != tuple(want.shape):
+                raise CheckpointError(
+                    f"cannot restore {self.step_path(step)}: it does not match this model/config "
+                    f"({jax.tree_util.keystr(path)} has shape {np.shape(got)}, expected "
+                    f"{tuple(want.shape)})"
+                )
+        shardings = jax.tree_util.tree_map(lambda s: getattr(s, "sharding", None), abstract_state)
+        state = jax.tree_util.tree_map(
+            lambda x, sh: jax.device_put(x, sh) if sh is not None else jnp.asarray(x),
+            out["state"],
+            shardings,
+        )
+        return state, dict(out["meta"]), decode_iterator_state(out["data"])
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are complete."""

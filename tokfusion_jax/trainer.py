@@ -621,13 +621,10 @@ def train_and_evaluate(
         _log0(f"resuming from {ckpt.step_path(latest)} (step {latest}, stage {stage})")
     else:
         stage = 1 if stage1_steps > 0 else 2
-        params = jax.jit(
-            functools.partial(stage_params, model, stage=stage, image_size=(image_size,) * 2),
-            out_shardings=rep,
-        )(init_key)
+        params = stage_params(model, init_key, stage, (image_size, image_size))
         if config.init_from:
-            params, fuse_init = _merge_init_from(config.init_from, params)
-        state = jax.device_put(new_state(params, optimizer), rep)
+            params, fuse_init = load_init_params(config.init_from, params)
+        state = _initial_state(model, optimizer, params, rep)
 
     step = int(jax.device_get(state["step"]))
     if stage == 1 and step >= stage1_steps:
@@ -780,11 +777,14 @@ def train_and_evaluate(
 
 
 def _switch(state, model, optimizer, init_key, fuse_init, rep) -> State:
-    switched = jax.jit(
-        functools.partial(to_stage2, model=model, optimizer=optimizer, fuse_init=fuse_init),
-        out_shardings=rep,
-    )(state, rng=init_key)
-    return switched
+    """The stage switch, run eagerly (the model draws fresh fuse layers on the host)."""
+    return jax.device_put(to_stage2(state, model, optimizer, init_key, fuse_init), rep)
+
+
+def _initial_state(model, optimizer, params, rep) -> State:
+    """Device-resident fresh state (optimiser init in one small jit)."""
+    build = jax.jit(functools.partial(new_state, optimizer=optimizer), out_shardings=rep)
+    return build(jax.device_put(params, rep))
 
 
 def run_validation(
@@ -833,8 +833,11 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, pad], axis=0)
 
 
-def _merge_init_from(source: str, params: PyTree) -> tuple[PyTree, dict | None]:
-    """Replaces matching modules of ``params`` by another run's; returns (params, fuse layers)."""
+def load_init_params(source: str, params: PyTree) -> tuple[PyTree, dict | None]:
+    """Replaces ``params``' modules by another run's (``--config.init_from``).
+
+    Returns (params, the other run's fuse layers when ``params`` has none, else None).
+    """
     loaded = checkpointing.restore_params(source)
     merged = dict(params)
     for name in params:

@@ -1,0 +1,364 @@
+"""Training end to end on a tiny model: two stages, devices, resume, signals, NaN, multi-process.
+
+The runs use 32x32 synthetic pairs, an 8-channel model and a random-weight tiny tokenizer. The
+subprocess runs share a persistent XLA compilation cache so that each program compiles once.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from tokfusion_jax import checkpointing, optim, trainer
+from tokfusion_jax import sharding as shd
+from tokfusion_jax.errors import NonFiniteError
+from tokfusion_jax.models import titok
+from tokfusion_jax.models.fusion import TokFusion
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+IMAGE = 32
+N_PAIRS = 16
+
+
+def load_config(arg="tiny"):
+    spec = importlib.util.spec_from_file_location("cfg_ivif", REPO / "configs" / "ivif.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> pathlib.Path:
+    """16 synthetic 32x32 pairs in the MSRS layout (vi/ colour, ir/ gray)."""
+    root = tmp_path_factory.mktemp("pairs")
+    (root / "vi").mkdir()
+    (root / "ir").mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:IMAGE, 0:IMAGE] / IMAGE
+    for i in range(N_PAIRS):
+        base = 0.5 + 0.3 * np.sin(6 * xx + i) * np.cos(4 * yy - i)
+        vis = np.clip(base + 0.1 * rng.normal(size=base.shape), 0, 1)
+        ir = np.clip(1 - base + 0.3 * (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) < 0.05), 0, 1)
+        rgb = np.stack([vis, 0.9 * vis, 0.8 * vis], -1)
+        Image.fromarray((rgb * 255).astype(np.uint8)).save(root / "vi" / f"{i:03d}.png")
+        Image.fromarray((ir * 255).astype(np.uint8)).save(root / "ir" / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> pathlib.Path:
+    """A converted-checkpoint directory of a random tiny TiTok (titok.create + titok.save)."""
+    path = tmp_path_factory.mktemp("tok") / "titok_tiny"
+    tok = titok.create(trainer.random_tiny_tokenizer_config(IMAGE, 32, 12), seed=0)
+    titok.save(tok, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory) -> pathlib.Path:
+    """One XLA cache directory shared by every subprocess of the session (and both workers)."""
+    path = tmp_path_factory.getbasetemp().parent / "xla_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def tiny_config(data, tok, **overrides):
+    c = load_config("tiny")
+    c.tokenizer.path = str(tok)
+    c.tokenizer.random_tiny = False
+    c.data.root = str(data)
+    c.train.checkpoint_every_steps = 2
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def cli_args(data, tok, workdir, **overrides):
+    args = [
+        sys.executable,
+        "-m",
+        "tokfusion_jax.train",
+        "--config=configs/ivif.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.tokenizer.path={tok}",
+        "--config.tokenizer.random_tiny=False",
+        f"--config.data.root={data}",
+        "--config.train.checkpoint_every_steps=2",
+        "--config.train.export=False",
+    ]
+    args += [f"--config.{k}={v}" for k, v in overrides.items()]
+    return args
+
+
+def subprocess_env(cache, devices=8, **extra):
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    env.update(extra)
+    return env
+
+
+def final_state_leaves(workdir):
+    """(params, opt_state leaves) of the newest checkpoint, as host arrays."""
+    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    from orbax import checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ck:
+        tree = ck.restore(ckpt_dir / str(steps[-1]) / "state")
+    return steps[-1], jax.tree_util.tree_map(np.asarray, tree)
+
+
+def read_metrics(workdir):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_two_stage_run_end_to_end(tiny_data, tiny_tokenizer, tmp_path):
+    """Both stages in one invocation: losses fall, validation metrics, logs, export, init_from."""
+    config = tiny_config(
+        tiny_data,
+        tiny_tokenizer,
+        **{
+            "optim.lr": 2e-3,
+            "optim.clip_norm": 0.0,
+            "train.stage1_epochs": 3,
+            "train.stage2_epochs": 3,
+            "train.keep_checkpoints": 2,
+            "train.image_every_steps": 12,
+            "val.dataset": "msrs",
+            "val.max_pairs": 4,
+            "val.every_steps": -1,
+            "data.val_root": str(tiny_data),
+        },
+    )
+    result = trainer.train_and_evaluate(config, tmp_path / "run")
+    assert (result.step, result.stage, result.interrupted) == (12, 2, False)
+    records = read_metrics(tmp_path / "run")
+    train = [r for r in records if "train/loss" in r]
+    s1 = [r["train/loss"] for r in train if r["stage"] == 1]
+    s2 = [r["train/loss"] for r in train if r["stage"] == 2]
+    assert len(s1) == 3 and len(s2) == 3
+    assert s1[-1] < s1[0] and s2[-1] < s2[0], (s1, s2)
+    # The fuse layers' schedule starts at stage II; the encoder's counts from step 0.
+    assert "train/lr/base_fuse" in train[-1] and "train/lr/base_fuse" not in train[0]
+    val = [r for r in records if "val/loss" in r]
+    assert val and any(k.startswith("val/metric/") for k in val[-1])
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert steps == [10, 12]  # keep-last-K = 2
+
+    from tokfusion_jax import export
+
+    fx = export.load_export(tmp_path / "run")
+    rng = np.random.default_rng(1)
+    vis, ir = rng.uniform(size=(2, 40, 36)), rng.uniform(size=(2, 40, 36))
+    fused = fx.fuse(vis, ir)
+    assert fused.shape == (2, 40, 36, 1) and np.all((fused >= 0) & (fused <= 1))
+    np.testing.assert_array_equal(fused, fx.fuse(vis, ir))
+
+    # --config.init_from: a new stage-I tree takes this run's modules, the fuse layers wait.
+    model = TokFusion(config.model)
+    fresh = trainer.stage_params(model, jax.random.key(5), 1, (IMAGE, IMAGE))
+    loaded, fuse = trainer.load_init_params(str(tmp_path / "run"), fresh)
+    assert set(loaded) == set(fresh) and set(fuse) == {"base_fuse", "detail_fuse"}
+    for name in loaded:
+        for x, y in zip(
+            jax.tree_util.tree_leaves(loaded[name]),
+            jax.tree_util.tree_leaves(fx.params[name]),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_one_vs_eight_devices_same_losses(tiny_tokenizer):
+    """The sharded step on 8 devices gives the 1-device losses (within 1e-5) for 3 steps."""
+    c = load_config("tiny")
+    tok = titok.load(tiny_tokenizer)
+    model = TokFusion(c.model)
+    opt = optim.ModuleOptimizer(c.optim, steps_per_epoch=2)
+    ctx = trainer.StepContext(
+        model, opt, c.loss.to_dict(), stage=2, use_token_cache=False, use_tokens=True
+    )
+    rng = np.random.default_rng(0)
+    batches = [
+        {k: rng.uniform(size=(8, IMAGE, IMAGE, 1)).astype(np.float32) for k in ("vis", "ir")}
+        for _ in range(3)
+    ]
+    params = jax.device_get(trainer.stage_params(model, jax.random.key(0), 2, (IMAGE, IMAGE)))
+    losses = {}
+    for n in (1, 8):
+        mesh = shd.make_mesh(devices=jax.devices()[:n])
+        step = trainer.compile_train_step(ctx, mesh, shd.fsdp_sharding(mesh, tok))
+        state = jax.device_put(trainer.new_state(params, opt), shd.replicated(mesh))
+        losses[n] = []
+        for b in batches:
+            state, m = step(state, tok, shd.global_batch(b, mesh), jax.random.key(1))
+            losses[n].append(float(m["loss"]))
+        assert len(state["params"]["encoder"]) > 0
+    np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5, atol=1e-6)
+    assert losses[1][0] != losses[1][2]  # the parameters did move
+
+
+def test_nan_stops_with_step_batch_and_last_checkpoint(tiny_data, tiny_tokenizer, tmp_path):
+    config = tiny_config(
+        tiny_data,
+        tiny_tokenizer,
+        **{"train.debug_nan_step": 5, "train.stage1_epochs": 4, "train.stage2_epochs": 1},
+    )
+    config.data.shuffle = False
+    with pytest.raises(NonFiniteError) as info:
+        trainer.train_and_evaluate(config, tmp_path / "run")
+    message = str(info.value)
+    assert "at step 5" in message and "checkpoints/4" in message, message
+    # 16 pairs, batch 8, no shuffling: step 5 is the second batch of epoch 2.
+    assert "batch [008, 009, 010, 011, 012, 013, 014, 015]" in message, message
+    ckpt = checkpointing.Checkpointer(tmp_path / "run" / "checkpoints", use_async=False)
+    assert ckpt.all_steps() == [2, 4]  # nothing written from the non-finite state
+    step, tree = final_state_leaves(tmp_path / "run")
+    assert step == 4 and int(tree["step"]) == 4 and int(tree["nonfinite_step"]) == -1
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _wait_for_checkpoint(proc, ckpt_dir, at_least, timeout=240):
+    start = time.time()
+    while time.time() - start < timeout:
+        if ckpt_dir.is_dir():
+            steps = [int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()]
+            if steps and max(steps) >= at_least:
+                return max(steps)
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"run ended (rc {proc.returncode}) before checkpoint {at_least}:\n{out}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no checkpoint >= {at_least} after {timeout}s")
+
+
+def test_sigterm_and_sigkill_then_resume_is_bitwise_exact(
+    tiny_data, tiny_tokenizer, compile_cache, tmp_path
+):
+    """Uninterrupted run vs. SIGTERM (clean stop) + SIGKILL (crash) + resume: same bits."""
+    overrides = {"train.stage1_epochs": 2, "train.stage2_epochs": 4}  # 4 + 8 steps
+    env = subprocess_env(compile_cache)
+    ref = subprocess.run(
+        cli_args(tiny_data, tiny_tokenizer, tmp_path / "ref", **overrides),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    work = tmp_path / "run"
+    args = cli_args(tiny_data, tiny_tokenizer, work, **overrides)
+    popen = dict(cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(args, **popen)
+    _wait_for_checkpoint(proc, work / "checkpoints", 2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by signal" in out, out[-3000:]
+    stopped_at, tree = final_state_leaves(work)  # restorable, finite, consistent
+    assert int(tree["step"]) == stopped_at and stopped_at < 12
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(tree["params"]))
+
+    proc = subprocess.Popen(args, **popen)  # resumes; killed hard in stage II
+    _wait_for_checkpoint(proc, work / "checkpoints", 6)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+    last = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert "resuming from" in last.stdout
+    step_a, a = final_state_leaves(tmp_path / "ref")
+    step_b, b = final_state_leaves(work)
+    assert step_a == step_b == 12
+    flat_a = jax.tree_util.tree_leaves_with_path(a)
+    flat_b = jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
+        assert np.array_equal(x, y), jax.tree_util.keystr(path)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_match_single_process(tiny_data, tiny_tokenizer, compile_cache, tmp_path):
+    """jax.distributed on localhost (2 x 4 CPU devices) == one process with 8 devices."""
+    overrides = {"train.stage1_epochs": 1, "train.stage2_epochs": 1, "data.shuffle": False}
+    single = subprocess.run(
+        cli_args(tiny_data, tiny_tokenizer, tmp_path / "single", **overrides),
+        cwd=REPO,
+        env=subprocess_env(compile_cache),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = subprocess_env(
+            compile_cache,
+            devices=4,
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(pid),
+        )
+        args = cli_args(tiny_data, tiny_tokenizer, tmp_path / "multi", **overrides)
+        procs.append(
+            subprocess.Popen(
+                args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    step_a, a = final_state_leaves(tmp_path / "single")
+    step_b, b = final_state_leaves(tmp_path / "multi")
+    assert step_a == step_b == 4
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    loss_a = [r["train/loss"] for r in read_metrics(tmp_path / "single") if "train/loss" in r]
+    loss_b = [r["train/loss"] for r in read_metrics(tmp_path / "multi") if "train/loss" in r]
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
+
+
+def test_global_batch_is_split_over_all_devices():
+    mesh = shd.make_mesh()
+    batch = shd.global_batch({"vis": np.zeros((8, 4, 4, 1), np.float32), "name": ["a"] * 8}, mesh)
+    assert set(batch) == {"vis"}
+    assert len(batch["vis"].addressable_shards) == 8
+    assert batch["vis"].addressable_shards[0].data.shape == (1, 4, 4, 1)
+    assert jnp.allclose(batch["vis"], 0)
