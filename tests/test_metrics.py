@@ -250,7 +250,7 @@ ATOL = dict.fromkeys(metrics.METRIC_NAMES, 1e-6)
 ATOL["SCD"] = 2e-6
 RTOL["SSIM"], ATOL["SSIM"] = 1e-8, 1e-8  # both float64
 RTOL["MI"], ATOL["MI"] = 1e-9, 1e-10  # both float64
-RTOL["VIF"], ATOL["VIF"] = 1e-8, 1e-9  # both float64
+RTOL["VIF"], ATOL["VIF"] = 1e-6, 1e-8  # float64 statistics, float32 log terms
 
 
 def assert_matches(got, want, label):

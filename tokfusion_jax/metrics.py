@@ -31,12 +31,12 @@ Two conventions, each reproducing one public evaluator:
 SD, SF, AG, SCD and Qabf are the same in both. The fused image is rounded to uint8 first, as
 the references evaluate 8-bit files; the sources are rounded too (they are 8-bit files).
 
-Precision: everything runs inside a scoped ``jax.enable_x64`` (never the global flag). EN
-(ivif_zoo) and Qabf's per-pixel maps are float32 as in the references (Qabf sums in float64);
-SD, SF, AG, EI and SCD are float64 (cheap, and batch-size independent); MI, VIF and SSIM are
-float64 (the references use float64 there, and VIF/SSIM lose several digits to
-E[x^2] - E[x]^2 cancellation in float32). ``ssim_precision="float32"`` reproduces the float32
-as-shipped SSIM arithmetic.
+Precision: everything runs inside a scoped ``jax.enable_x64`` (never the global flag).
+Per-pixel maps of EN (ivif_zoo), SD, SF, AG, EI, SCD and Qabf are float32 (exact integers for
+8-bit inputs where the metric allows) with float64 sums, so results do not depend on the batch
+size; MI, VIF and SSIM are float64 (the references use float64 there, and VIF/SSIM lose several
+digits to E[x^2] - E[x]^2 cancellation in float32; VIF's final log terms are float32).
+``ssim_precision="float32"`` reproduces the float32 as-shipped SSIM arithmetic.
 
 Everything is jit-compiled and vmapped over a batch of same-size images.
 
@@ -155,10 +155,18 @@ def _safe_sqrt(x: jax.Array) -> jax.Array:
 
 
 def _pearson(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Pearson correlation over all pixels (MATLAB corr2); NaN when either image is constant."""
-    xc = x - jnp.mean(x)
-    yc = y - jnp.mean(y)
-    return jnp.sum(xc * yc) / jnp.sqrt(jnp.sum(xc * xc) * jnp.sum(yc * yc))
+    """Pearson correlation over all pixels (MATLAB corr2); NaN when either image is constant.
+
+    Raw sums in the accumulator dtype: exact for integer-valued images (every product is an
+    exact float32 integer and the float64 sums stay far below 2^53).
+    """
+    acc = _acc_dtype()
+    n = x.size
+    sx, sy = jnp.sum(x, dtype=acc), jnp.sum(y, dtype=acc)
+    sxx, syy = jnp.sum(x * x, dtype=acc), jnp.sum(y * y, dtype=acc)
+    sxy = jnp.sum(x * y, dtype=acc)
+    cov = sxy - sx * sy / n
+    return cov / jnp.sqrt((sxx - sx * sx / n) * (syy - sy * sy / n))
 
 
 def _histogram256(x: jax.Array) -> jax.Array:
@@ -181,37 +189,48 @@ def entropy(f: jax.Array, convention: str) -> jax.Array:
     return -jnp.sum(jnp.where(p > 0, p * jnp.log2(jnp.where(p > 0, p, 1.0)), 0.0))
 
 
-def standard_deviation(f: jax.Array, dtype: Any = jnp.float64) -> jax.Array:
-    """SD: population standard deviation."""
-    f = f.astype(dtype)
-    return jnp.sqrt(jnp.mean(jnp.square(f - jnp.mean(f))))
+def _acc_dtype() -> Any:
+    """Accumulator dtype: float64 when 64-bit types are on (always inside `compute`)."""
+    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
-def spatial_frequency(f: jax.Array, dtype: Any = jnp.float64) -> jax.Array:
+def _mean(x: jax.Array) -> jax.Array:
+    """Mean with a float64 accumulator when available (exact for integer-valued float32 terms)."""
+    return jnp.sum(x, dtype=_acc_dtype()) / x.size
+
+
+def standard_deviation(f: jax.Array) -> jax.Array:
+    """SD: population standard deviation, from exact sums of x and x^2 for 8-bit images."""
+    f = f.astype(jnp.float32)
+    mean = _mean(f)
+    return jnp.sqrt(jnp.maximum(_mean(f * f) - mean * mean, 0.0))
+
+
+def spatial_frequency(f: jax.Array) -> jax.Array:
     """SF = sqrt(mean(row diffs^2) + mean(column diffs^2)), each mean over its own array."""
-    f = f.astype(dtype)
-    along_w = jnp.mean(jnp.square(f[:, 1:] - f[:, :-1]))
-    along_h = jnp.mean(jnp.square(f[1:, :] - f[:-1, :]))
+    f = f.astype(jnp.float32)
+    along_w = _mean(jnp.square(f[:, 1:] - f[:, :-1]))
+    along_h = _mean(jnp.square(f[1:, :] - f[:-1, :]))
     return _safe_sqrt(along_w + along_h)
 
 
-def average_gradient(f: jax.Array, dtype: Any = jnp.float64) -> jax.Array:
+def average_gradient(f: jax.Array) -> jax.Array:
     """AG = mean over H x W of sqrt((gx^2 + gy^2) / 2), numpy.gradient differences."""
-    f = f.astype(dtype)
+    f = f.astype(jnp.float32)
     gx = _np_gradient(f, 1)
     gy = _np_gradient(f, 0)
-    return jnp.mean(_safe_sqrt((gx * gx + gy * gy) * 0.5))
+    return _mean(_safe_sqrt((gx * gx + gy * gy) * 0.5))
 
 
-def edge_intensity(f: jax.Array, dtype: Any = jnp.float64) -> jax.Array:
+def edge_intensity(f: jax.Array) -> jax.Array:
     """EI = mean over H x W of the zero-padded Sobel magnitude (no 1/8 normalisation)."""
-    sx, sy = _sobel(f.astype(dtype))
-    return jnp.mean(_safe_sqrt(sx * sx + sy * sy))
+    sx, sy = _sobel(f.astype(jnp.float32))
+    return _mean(_safe_sqrt(sx * sx + sy * sy))
 
 
-def scd(f: jax.Array, a: jax.Array, b: jax.Array, dtype: Any = jnp.float64) -> jax.Array:
-    """SCD = corr(F - B, A) + corr(F - A, B)."""
-    f, a, b = (x.astype(dtype) for x in (f, a, b))
+def scd(f: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """SCD = corr(F - B, A) + corr(F - A, B), from exact integer sums for 8-bit images."""
+    f, a, b = (x.astype(jnp.float32) for x in (f, a, b))
     return _pearson(f - b, a) + _pearson(f - a, b)
 
 
@@ -290,9 +309,12 @@ def vif_sum(f: jax.Array, a: jax.Array, b: jax.Array, convention: str) -> jax.Ar
         g = jnp.where(negative, 0.0, g)
         sv_sq = jnp.maximum(sv_sq, eps)
 
-        info = jnp.log10(1.0 + g * g * sigma1_sq / (sv_sq + _VIF_SIGMA_NSQ))
-        num = num + jnp.sum(info, axis=(1, 2))
-        den = den + jnp.sum(jnp.log10(1.0 + sigma1_sq / _VIF_SIGMA_NSQ), axis=(1, 2))
+        # The masks above need float64 variances; the log terms do not (float32 log1p with a
+        # float64 sum: ~1e-7 relative).
+        info = (g * g * sigma1_sq / (sv_sq + _VIF_SIGMA_NSQ)).astype(jnp.float32)
+        prior = (sigma1_sq / _VIF_SIGMA_NSQ).astype(jnp.float32)
+        num = num + jnp.sum(jnp.log1p(info), axis=(1, 2), dtype=jnp.float64) / math.log(10.0)
+        den = den + jnp.sum(jnp.log1p(prior), axis=(1, 2), dtype=jnp.float64) / math.log(10.0)
     vif = num / den  # (2,)
     if convention == "cddfuse":
         vif = jnp.where(jnp.isnan(vif), 1.0, vif)
@@ -504,19 +526,17 @@ def differentiable_ei(x: jax.Array, data_range: float = 1.0) -> jax.Array:
 
     `data_range` is the value of white in `x` (1.0 for [0, 1] images, 255.0 for 0..255).
     """
-    return _batched(functools.partial(edge_intensity, dtype=jnp.float32), x, data_range=data_range)
+    return _batched(edge_intensity, x, data_range=data_range)
 
 
 def differentiable_ag(x: jax.Array, data_range: float = 1.0) -> jax.Array:
     """AG on the 0..255 scale of a float image; shapes as `differentiable_ei`."""
-    fn = functools.partial(average_gradient, dtype=jnp.float32)
-    return _batched(fn, x, data_range=data_range)
+    return _batched(average_gradient, x, data_range=data_range)
 
 
 def differentiable_sf(x: jax.Array, data_range: float = 1.0) -> jax.Array:
     """SF on the 0..255 scale of a float image; shapes as `differentiable_ei`."""
-    fn = functools.partial(spatial_frequency, dtype=jnp.float32)
-    return _batched(fn, x, data_range=data_range)
+    return _batched(spatial_frequency, x, data_range=data_range)
 
 
 def differentiable_ssim(

@@ -1,0 +1,96 @@
+"""Speed of the ten fusion metrics on 640x480 triplets: JAX (batch 1 and 32) vs float64 NumPy.
+
+    python benchmarks/metrics.py [--batch=32] [--repeats=3] [--convention=ivif_zoo|cddfuse|both]
+
+Prints a table of seconds per triplet (wall and process CPU time; CPU time is the fairer
+figure on a shared machine) for `tokfusion_jax.metrics.compute` with all ten metrics, and for
+the independent NumPy/SciPy implementation the tests check against (tests/test_metrics.py),
+plus the speed-up against the CDDFuse Evaluator's ~2.2 s per triplet on a 2-core CPU.
+Compile time is reported separately and excluded from the per-triplet figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from tokfusion_jax import metrics
+
+CDDFUSE_EVALUATOR_S = 2.2  # all metrics, one 480x640 triplet, 2-core CPU (reference notes §14)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _numpy_reference():
+    spec = importlib.util.spec_from_file_location(
+        "metric_reference", REPO / "tests/test_metrics.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reference
+
+
+def _triplets(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smooth-ish random 480x640 uint8 triplets (B, 480, 640)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, 60, 80)).astype(np.float32)
+    base = np.repeat(np.repeat(base, 8, axis=1), 8, axis=2)  # blocky structure + noise
+    out = []
+    for s in (10.0, 20.0, 30.0):
+        noisy = base + rng.normal(0.0, s, base.shape)
+        out.append(np.clip(np.round(noisy), 0, 255).astype(np.uint8))
+    return out[0], out[1], out[2]
+
+
+def _timed(fn, repeats: int) -> tuple[float, float]:
+    """Best (wall, cpu) seconds over `repeats` calls."""
+    best_wall, best_cpu = float("inf"), float("inf")
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        best_wall = min(best_wall, time.perf_counter() - w)
+        best_cpu = min(best_cpu, time.process_time() - c)
+    return best_wall, best_cpu
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--numpy_triplets", type=int, default=2)
+    p.add_argument("--convention", default="both", choices=(*metrics.CONVENTIONS, "both"))
+    args = p.parse_args()
+    conventions = metrics.CONVENTIONS if args.convention == "both" else (args.convention,)
+    f, a, b = _triplets(args.batch)
+    reference = _numpy_reference()
+    print(f"device: {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print("| convention | implementation | batch | compile s | s/triplet wall | s/triplet CPU "
+          "| vs CDDFuse Evaluator (2.2 s) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for conv in conventions:
+        for batch in (1, args.batch):
+            fb, ab, bb = f[:batch], a[:batch], b[:batch]
+            t0 = time.perf_counter()
+            metrics.compute(fb, ab, bb, convention=conv)  # compile + first run
+            compile_s = time.perf_counter() - t0
+            wall, cpu = _timed(lambda: metrics.compute(fb, ab, bb, convention=conv), args.repeats)  # noqa: B023
+            per_w, per_c = wall / batch, cpu / batch
+            print(f"| {conv} | JAX | {batch} | {compile_s:.1f} | {per_w:.4f} | {per_c:.4f} "
+                  f"| {CDDFUSE_EVALUATOR_S / per_w:.1f}x wall |")  # fmt: skip
+        k = args.numpy_triplets
+        w, c = _timed(
+            lambda: [reference(f[i], a[i], b[i], conv) for i in range(k)],  # noqa: B023
+            1,
+        )
+        print(f"| {conv} | NumPy float64 (tests) | 1 | - | {w / k:.4f} | {c / k:.4f} "
+              f"| {CDDFUSE_EVALUATOR_S / (w / k):.1f}x wall |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
