@@ -52,6 +52,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VAR_PREFIX = "@vars."
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Training of a variant stopped on a signal; rerunning the sweep resumes it."""
+
+
 # ----------------------------------------------------------------------------- definitions
 
 
@@ -338,7 +342,10 @@ def run_sweep(
             start = time.time()
             vdir.mkdir(parents=True, exist_ok=True)
             write_json(vdir / "sweep_config.json", config.to_dict())
-            train_fn(config, vdir)
+            outcome = train_fn(config, vdir)
+            if getattr(outcome, "interrupted", False):
+                log(f"[sweep] {v.name}: training stopped (checkpoint saved); rerun to resume")
+                raise SweepInterrupted(v.name)
             scores = {k: dict(m) for k, m in eval_fn(vdir, sets).items()}
             done = {
                 "variant": v.name,

@@ -11,13 +11,16 @@ from tokfusion_jax.sweep import dataset, variant
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg`` is unused."""
-    del arg
+    """``arg``: "" (STE on / off) or "seeds" (two training seeds)."""
     c = ml_collections.ConfigDict()
     c.name = "tiny sweep (packaged samples, random tiny tokenizer)"
     c.base = "ivif.py:demo"
     c.overrides = (
         ("model.dim", 8),
+        ("data.image_size", 32),
+        ("tokenizer.random_tiny_image_size", 32),
+        ("model.tokens.input_size", 32),
+        ("model.coarse_size", 4),
         ("data.batch_size", 4),
         ("val.batch_size", 4),
         ("train.steps_per_epoch", 1),
@@ -30,12 +33,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ("train.demo_report", False),
         ("val.dataset", ""),
     )
-    c.variants = (
-        variant("ste", "with STE", {"model.use_ste": True}),
-        variant("no_ste", "w/o STE", {"model.use_ste": False}),
-    )
+    if arg in (None, ""):
+        c.variants = (
+            variant("ste", "with STE", {"model.use_ste": True}),
+            variant("no_ste", "w/o STE", {"model.use_ste": False}),
+        )
+    elif arg == "seeds":  # two variants with one compiled graph (fast with a compilation cache)
+        c.variants = (
+            variant("seed0", "seed 0", {"train.seed": 0}),
+            variant("seed1", "seed 1", {"train.seed": 1}),
+        )
+    else:
+        raise ValueError(f"unknown variant {arg!r} (expected '' or 'seeds')")
     c.eval = (dataset("samples", "samples", "", max_pairs=2),)
-    c.eval_image_size = 64
+    c.eval_image_size = 32
     c.columns = ("EN", "SD", "SCD", "SSIM", "EI", "SF", "AG")
     c.vars = ml_collections.ConfigDict()
     return c
