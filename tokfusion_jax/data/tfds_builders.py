@@ -64,7 +64,7 @@ def png_bytes(ref: imio.ImageRef, channels: int, label: str) -> bytes:
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, mode = im.format, im.mode
-    except Exception:  # noqa: BLE001 - every failure is reported by the decoder below
+    except (OSError, SyntaxError, ValueError, EOFError):  # reported by the decoder below
         fmt, mode = None, None
     if fmt == "PNG" and mode == ("L" if channels == 1 else "RGB"):
         return data
