@@ -155,3 +155,48 @@ def test_average_baseline_on_real_tno_matches_metric_case(shared_data, metric_ca
     assert rows[0]["name"] == "01"
     assert rows[0]["EN"] == pytest.approx(want["EN"], rel=1e-6)
     assert rows[0]["SD"] == pytest.approx(want["SD"], rel=1e-6)
+
+
+def test_reconstruction_scores_scale():
+    x = np.full((16, 16), 0.5)
+    y = x + 2.0 / 255.0  # 2 grey levels off everywhere -> MSE 4 on the 0..255 scale
+    s = evaluate.reconstruction_scores(x, y)
+    assert s["MSE"] == pytest.approx(4.0)
+    assert s["PSNR"] == pytest.approx(10 * np.log10(255.0**2 / 4.0))
+    assert evaluate.reconstruction_scores(x, x)["SSIM"] == pytest.approx(1.0)
+
+
+def test_tokenizer_study_per_domain(tiny_dataset, tmp_path, capsys):
+    from tokfusion_jax import trainer
+    from tokfusion_jax.models import titok
+
+    tok = titok.create(trainer.random_tiny_tokenizer_config(32, 8, 12), seed=0)
+    titok.save(tok, tmp_path / "tok")
+    med = tmp_path / "med"
+    rng = np.random.default_rng(5)
+    for mod in ("mri", "ct"):
+        _write(med / mod / "11.png", rng.integers(0, 256, (32, 32), dtype=np.uint8))
+    table = evaluate.main(
+        [
+            "tokenizer",
+            f"--tokenizer={tmp_path / 'tok'}",
+            f"--data=bundle={tiny_dataset}",
+            f"--data=harvard_ct={med}",
+            "--batch_size=1",
+            f"--out={tmp_path / 'o'}",
+            "--no_progress",
+        ]  # fmt: skip
+    )
+    assert capsys.readouterr().out.strip() == table
+    data = json.loads((tmp_path / "o" / "tokenizer.json").read_text())
+    assert {d: v["n"] for d, v in data["domains"].items()} == {
+        "infrared": 3, "medical": 2, "visible": 3
+    }  # fmt: skip
+    rows = data["per_image"]
+    assert len(rows) == 8
+    for r in rows:
+        assert r["PSNR"] == pytest.approx(10 * np.log10(255.0**2 / r["MSE"]))
+        assert r["MSE"] > 0 and -1 <= r["SSIM"] <= 1
+    ir_rows = [r for r in rows if r["domain"] == "infrared"]
+    assert data["domains"]["infrared"]["MSE"] == pytest.approx(np.mean([r["MSE"] for r in ir_rows]))
+    assert {r["name"] for r in ir_rows} == {"a:ir", "b:ir", "c:ir"}
