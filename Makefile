@@ -27,6 +27,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix $(SRC)
 	$(VENV)/bin/ruff format $(SRC)
 
+# Both training stages on the bundled sample pairs with a tiny random-weight tokenizer (CPU,
+# a few minutes), then the fused images and a metrics table against average/max fusion.
+demo: $(STAMP)
+	$(PY) -m tokfusion_jax.train --config=configs/ivif.py:demo --workdir=runs/demo
+
 test: lint
 	$(VENV)/bin/pytest -n 2 --durations=15 tests
 
