@@ -150,16 +150,17 @@ def test_probe_is_deterministic_and_runs_on_the_mesh():
 
 
 def test_choose_positions_distinct_and_modalities_vote():
-    lp = np.log(
-        np.asarray(
-            [
-                [[0.1, 0.7, 0.2], [0.2, 0.6, 0.2]],  # vis: both slots like 1
-                [[0.1, 0.8, 0.1], [0.1, 0.3, 0.6]],  # ir: slot 1 likes 2
-            ]
-        )
+    probs = np.asarray(
+        [
+            [[0.1, 0.7, 0.2], [0.2, 0.6, 0.2]],  # vis: both slots like 1
+            [[0.1, 0.8, 0.1], [0.1, 0.3, 0.6]],  # ir: slot 1 likes 2
+        ]
     )
-    # slot 0 is more confident on position 1; slot 1 then takes its next best (2).
-    assert probe.choose_positions(lp) == [1, 2]
+    # slot 0 is more confident on position 1 (mean 0.75 vs 0.45); slot 1 then takes its
+    # next best, 2 (mean 0.4).
+    assert probe.choose_positions(probs) == [1, 2]
+    # 3 slots over 3 positions: every position used once.
+    assert sorted(probe.choose_positions(np.ones((1, 3, 3)) / 3)) == [0, 1, 2]
 
 
 def test_channel_probe_ranks_consistent_channels():

@@ -356,13 +356,13 @@ def init_probe_state(
     )
 
 
-def choose_positions(log_probs: np.ndarray) -> list[int]:
-    """Distinct positions, one per slot, from (M, S, N) log-probabilities.
+def choose_positions(probs: np.ndarray) -> list[int]:
+    """Distinct positions, one per slot, from (M, S, N) selector probabilities.
 
-    Modalities vote by summing log-probabilities; slots pick greedily, most confident first, each
+    Modalities vote by averaging probabilities; slots pick greedily, most confident first, each
     the best position not already taken. Returns the positions in slot order.
     """
-    joint = np.asarray(log_probs, np.float64).sum(axis=0)  # (S, N)
+    joint = np.asarray(probs, np.float64).mean(axis=0)  # (S, N)
     s, n = joint.shape
     if s > n:
         raise ConfigError(f"probe slots={s} exceeds the number of tokens N={n}")
@@ -477,13 +477,13 @@ def probe_positions(
 
     sl = slice(0, num_slots)
     logits = _broadcast_modalities(state.params["logits"], m)[:, sl]
-    log_probs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
     counts = np.asarray(state.counts, np.float64)[:, sl]
     frequency = counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1.0)
     raw = _broadcast_modalities(state.params["raw_offsets"], m)[:, sl]
     return PositionResult(
-        positions=choose_positions(log_probs),
-        probs=np.exp(log_probs),
+        positions=choose_positions(probs),
+        probs=probs,
         frequency=frequency,
         offsets=np.asarray(_bounded(raw, settings.offset_scale)),
         history=history,
@@ -604,6 +604,7 @@ def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -716,8 +717,15 @@ def _save_figure(fig: Any, path: pathlib.Path) -> None:
     _atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_distributions(path: pathlib.Path, by_budget: Mapping[int, np.ndarray]) -> None:
-    """Figure 6: selector distributions (modality-averaged) per slot, one row per slot budget."""
+def plot_distributions(
+    path: pathlib.Path,
+    by_budget: Mapping[int, np.ndarray],
+    chosen: Mapping[int, Sequence[int]],
+) -> None:
+    """Figure 6: selector distributions (modality-averaged) per slot, one row per slot budget.
+
+    by_budget: {S: (M, S, N) probabilities}; chosen: {S: the S chosen positions}.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -739,7 +747,7 @@ def plot_distributions(path: pathlib.Path, by_budget: Mapping[int, np.ndarray]) 
                 continue
             ax.bar(np.arange(n), probs[si], color=f"C{si}")
             ax.set_ylim(0, 1)
-            ax.set_title(f"{budget} slot(s): slot {si} -> {int(np.argmax(probs[si]))}", fontsize=8)
+            ax.set_title(f"{budget} slot(s): slot {si} -> {chosen[budget][si]}", fontsize=8)
             ax.tick_params(labelsize=6)
     fig.suptitle("selector distributions softmax(a_s) per slot budget", fontsize=9)
     fig.tight_layout()
@@ -819,7 +827,9 @@ def run_probe(
         "channels": channel.to_json(),
     }
     plot_distributions(
-        outdir / "selector_distributions.png", {b: r.probs for b, r in results.items()}
+        outdir / "selector_distributions.png",
+        {b: r.probs for b, r in results.items()},
+        {b: r.positions for b, r in results.items()},
     )
     _plot_slots(
         outdir / "selection_frequency.png",
