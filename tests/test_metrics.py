@@ -303,16 +303,26 @@ SPECIAL_SHAPES = ((64, 64), (97, 131))  # odd sizes ride along with the metric_c
 N_SPECIAL = 7
 
 
+CASE_SHAPES = ((64, 64), (97, 131), (128, 128), (480, 640), (576, 768))
+
+
+def test_metric_cases_are_all_covered(metric_cases):
+    groups = grouped_cases(metric_cases)
+    assert sum(len(v) for v in groups.values()) == 8
+    assert set(groups) == set(CASE_SHAPES)
+
+
+@pytest.mark.parametrize("shape", CASE_SHAPES)
 @pytest.mark.parametrize("convention", metrics.CONVENTIONS)
-def test_metric_cases_and_special_images_match_reference(metric_cases, convention):
-    """Every metric_cases triplet plus random, constant and all-zero images, batched by size.
+def test_metric_cases_and_special_images_match_reference(metric_cases, convention, shape):
+    """The metric_cases triplets of one size, plus random, constant and all-zero images.
 
     One compile per image size: the random/special triplets join the batch of the same size.
     """
-    groups = grouped_cases(metric_cases)
-    assert sum(len(v) for v in groups.values()) == 8
+    groups = {shape: grouped_cases(metric_cases).get(shape, [])}
+    assert groups[shape]
     rng = np.random.default_rng(0 if convention == "ivif_zoo" else 1)
-    for shape in SPECIAL_SHAPES:
+    if shape in SPECIAL_SHAPES:
         specials = _special_batch(rng, *shape)
         groups[shape] += [(f"special{i}", t) for i, t in enumerate(specials)]
     for shape, items in groups.items():
