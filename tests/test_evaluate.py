@@ -137,6 +137,13 @@ def test_missing_fused_file_names_it(tiny_dataset, tmp_path, capsys):
         evaluate.main([f"--dataset=bundle={tiny_dataset}", f"--method=p={folder}", "--no_progress"])
     err = capsys.readouterr().err
     assert "fused image missing" in err and str(folder / "b") in err
+    # A fused image of the wrong size is named too.
+    _write(folder / "b.png", np.zeros((10, 10), np.uint8))
+    _write(folder / "c.png", np.zeros((20, 28), np.uint8))
+    with pytest.raises(SystemExit):
+        evaluate.main([f"--dataset=bundle={tiny_dataset}", f"--method=p={folder}", "--no_progress"])
+    err = capsys.readouterr().err
+    assert f"{folder / 'b.png'}: fused image is 10x10" in err
 
 
 def test_average_baseline_on_real_tno_matches_metric_case(shared_data, metric_cases):

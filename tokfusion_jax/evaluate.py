@@ -144,6 +144,18 @@ def find_fused_file(folder: str, stem: str) -> str:
     raise DataError(f"{os.path.join(folder, stem)}.*: fused image missing for pair {stem!r}")
 
 
+def read_fused(folder: str, stem: str, shape: tuple[int, ...], convention: str) -> np.ndarray:
+    """A method's fused image for `stem` as 8-bit gray; its size must match the pair's."""
+    path = find_fused_file(folder, stem)
+    fused = read_gray_u8(path, convention)
+    if fused.shape != tuple(shape):
+        raise DataError(
+            f"{path}: fused image is {fused.shape[1]}x{fused.shape[0]}, but the pair "
+            f"{stem!r} is {shape[1]}x{shape[0]} (width x height)"
+        )
+    return fused
+
+
 # --------------------------------------------------------------------------------------------
 # Datasets
 # --------------------------------------------------------------------------------------------
@@ -277,9 +289,8 @@ def evaluate(
             for m in methods:
                 if m.kind == "folder":
                     folder = m.folder_for(spec.label)
-                    fused8 = [
-                        read_gray_u8(find_fused_file(folder, r["name"]), convention) for r in recs
-                    ]
+                    fused8 = [read_fused(folder, r["name"], v.shape, convention) for r, v in
+                              zip(recs, vis8, strict=True)]  # fmt: skip
                     out_imgs = None
                 elif m.kind == "baseline":
                     fused8 = [baseline_fuse(m.name, v, i) for v, i in zip(vis8, ir8, strict=True)]
