@@ -285,7 +285,11 @@ def _token_cache(config: ml_collections.ConfigDict, tok: titok.Tokenizer):
         return None
     from tokfusion_jax.data import cache
 
-    return cache.TokenCache(str(pathlib.Path(config.data.token_cache).expanduser()), tok.sha256)
+    return cache.TokenCache(
+        str(pathlib.Path(config.data.token_cache).expanduser()),
+        tok.sha256,
+        source=str(config.model.tokens.source),
+    )
 
 
 def train_iterator(config, source, tok, image_size: int):
@@ -600,11 +604,9 @@ def train_and_evaluate(
     it = train_iterator(config, source, tok, image_size)
 
     def abstract_state(stage: int) -> State:
-        def build():
-            params = stage_params(model, init_key, stage, (image_size, image_size))
-            return new_state(params, optimizer)
-
-        shapes = jax.eval_shape(build)
+        # The model draws initial parameters on the host (cheap); only shapes are kept here.
+        params = stage_params(model, init_key, stage, (image_size, image_size))
+        shapes = jax.eval_shape(functools.partial(new_state, optimizer=optimizer), params)
         return jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes
         )
