@@ -56,9 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.batch_size = 4
         c.val.batch_size = 4
         c.optim.lr = 1e-3  # a short run needs a larger step than the paper's 1e-4
-        c.train.steps_per_epoch = 25
+        # 200 steps over the 4 sample pairs: 80 reconstruction + 120 fusion steps.
+        c.train.steps_per_epoch = 20
         c.train.stage1_epochs = 4
-        c.train.stage2_epochs = 8
+        c.train.stage2_epochs = 6
         c.optim.decay_every_epochs = 4
         c.train.log_every_steps = 10
         c.train.image_every_steps = 100

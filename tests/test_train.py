@@ -67,10 +67,8 @@ def tiny_tokenizer(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory) -> pathlib.Path:
-    """One XLA cache directory shared by every subprocess of the session (and both workers)."""
-    path = tmp_path_factory.getbasetemp().parent / "xla_cache"
-    path.mkdir(exist_ok=True)
-    return path
+    """One XLA cache directory shared by the subprocesses of a test worker."""
+    return tmp_path_factory.mktemp("xla_cache")
 
 
 def tiny_config(data, tok, **overrides):
@@ -243,7 +241,7 @@ def test_nan_stops_with_step_batch_and_last_checkpoint(tiny_data, tiny_tokenizer
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(tree))
 
 
-def _wait_for_checkpoint(proc, ckpt_dir, at_least, timeout=240):
+def _wait_for_checkpoint(proc, ckpt_dir, at_least, timeout=900):
     start = time.time()
     while time.time() - start < timeout:
         if ckpt_dir.is_dir():
@@ -262,7 +260,7 @@ def test_sigterm_and_sigkill_then_resume_is_bitwise_exact(
     tiny_data, tiny_tokenizer, compile_cache, tmp_path
 ):
     """Uninterrupted run vs. SIGTERM (clean stop) + SIGKILL (crash) + resume: same bits."""
-    overrides = {"train.stage1_epochs": 2, "train.stage2_epochs": 4}  # 4 + 8 steps
+    overrides = {"train.stage1_epochs": 2, "train.stage2_epochs": 2}  # 4 + 4 steps
     env = subprocess_env(compile_cache)
     ref = subprocess.run(
         cli_args(tiny_data, tiny_tokenizer, tmp_path / "ref", **overrides),
@@ -270,7 +268,7 @@ def test_sigterm_and_sigkill_then_resume_is_bitwise_exact(
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,
     )
     assert ref.returncode == 0, ref.stderr[-3000:]
 
@@ -280,11 +278,11 @@ def test_sigterm_and_sigkill_then_resume_is_bitwise_exact(
     proc = subprocess.Popen(args, **popen)
     _wait_for_checkpoint(proc, work / "checkpoints", 2)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     assert "stopped by signal" in out, out[-3000:]
     stopped_at, tree = final_state_leaves(work)  # restorable, finite, consistent
-    assert int(tree["step"]) == stopped_at and stopped_at < 12
+    assert int(tree["step"]) == stopped_at and stopped_at < 8
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(tree["params"]))
 
     proc = subprocess.Popen(args, **popen)  # resumes; killed hard in stage II
@@ -293,12 +291,12 @@ def test_sigterm_and_sigkill_then_resume_is_bitwise_exact(
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
 
-    last = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    last = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert last.returncode == 0, last.stderr[-3000:]
     assert "resuming from" in last.stdout
     step_a, a = final_state_leaves(tmp_path / "ref")
     step_b, b = final_state_leaves(work)
-    assert step_a == step_b == 12
+    assert step_a == step_b == 8
     flat_a = jax.tree_util.tree_leaves_with_path(a)
     flat_b = jax.tree_util.tree_leaves_with_path(b)
     assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
@@ -322,7 +320,7 @@ def test_two_processes_match_single_process(tiny_data, tiny_tokenizer, compile_c
         env=subprocess_env(compile_cache),
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,
     )
     assert single.returncode == 0, single.stderr[-3000:]
 
@@ -342,7 +340,7 @@ def test_two_processes_match_single_process(tiny_data, tiny_tokenizer, compile_c
                 args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
         )
-    outs = [p.communicate(timeout=400)[0] for p in procs]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
     step_a, a = final_state_leaves(tmp_path / "single")
