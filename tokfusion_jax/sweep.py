@@ -8,7 +8,8 @@ returns::
     overrides  (("data.root", "..."), ...)     applied to every variant (dotted keys)
     variants   (variant(...), ...)             name, row label, overrides of each variant
     eval       (dataset(...), ...)             evaluation sets; () = the base config's val set
-    columns    ("EN", "SD", "SCD", "SSIM", ...)
+    columns    ("EN", "SD", "SCD", "SSIM", ...)  metrics of the table
+    convention "ivif_zoo" | "cddfuse"           metric conventions (optional)
     vars       ConfigDict                      free values that overrides reference as
                                                "@vars.key" (set them on the command line)
 
@@ -18,10 +19,11 @@ Run::
         --set=tokenizer.path=checkpoints/titok_l32 --set=data.root=data/msrs/train
 
 Each variant trains in ``WORKDIR/<name>`` with `trainer.train_and_evaluate` (which resumes from
-its own checkpoints), is scored on every evaluation set with `metrics.compute` (IVIF-ZOO
-conventions, per-image means), and then gets a ``done.json`` marker (written atomically) holding
-its numbers. A rerun skips variants whose marker matches their configuration, so an interrupted
-sweep resumes where it stopped. The table goes to ``WORKDIR/results.{md,csv,json}``.
+its own checkpoints), is scored on every evaluation set by the benchmark evaluator
+(`tokfusion_jax.evaluate`, native resolution, IVIF-ZOO conventions, per-image means), and then
+gets a ``done.json`` marker (written atomically) holding its numbers. A rerun skips variants
+whose marker matches their configuration, so an interrupted sweep resumes where it stopped. The
+table goes to ``WORKDIR/results.{md,csv,json}``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from tokfusion_jax.errors import ConfigError
 from tokfusion_jax.probe import write_json
@@ -235,45 +236,34 @@ def evaluate_workdir(
     workdir: str | os.PathLike,
     sets: Sequence[EvalSet],
     *,
-    image_size: int = 0,
     names: Sequence[str] = TABLE_COLUMNS,
+    convention: str = "ivif_zoo",
 ) -> dict[str, dict[str, float]]:
-    """Fuses every pair of each set with the run's export and averages the metrics per set.
+    """Scores a trained run on every set with the benchmark evaluator; per-set means.
 
-    ``image_size`` 0 = native size (the 2D path runs at the pair's own size), else square resize.
-    Metrics: `metrics.compute` with the IVIF-ZOO conventions, A = infrared, B = visible, the
-    fused image rounded to 8 bits as the references evaluate written PNGs.
+    `tokfusion_jax.evaluate`: native resolution, fused images stretched and rounded to 8 bits as
+    the references save them, A = infrared, B = visible, the IVIF-ZOO conventions by default.
+    Returns {set label: {metric: mean, "pairs": count}}.
     """
-    from tokfusion_jax import export, metrics, trainer
-    from tokfusion_jax.data import pipeline
+    from tokfusion_jax import evaluate
 
-    exp = export.load_export(workdir)
+    method = evaluate.parse_method(f"run={os.fspath(workdir)}")
     out: dict[str, dict[str, float]] = {}
     for s in sets:
-        source = trainer.open_source(s.preset, s.root)
-        ds = pipeline.make_pipeline(
-            source,
-            batch_size=1,
-            image_size=(image_size, image_size) if image_size else None,
-            shuffle=False,
-            num_epochs=1,
-            drop_remainder=False,
+        spec = evaluate.DatasetSpec(s.label, s.preset, s.root)
+        rows = evaluate.evaluate(
+            [method],
+            [spec],
+            names=tuple(names),
+            convention=convention,
+            limit=s.max_pairs or None,
+            progress=False,
         )
-        values: dict[str, list[float]] = {}
-        for i, batch in enumerate(ds):
-            if s.max_pairs and i >= s.max_pairs:
-                break
-            vis, ir = np.asarray(batch["vis"]), np.asarray(batch["ir"])  # (1, H, W, 1)
-            fused = exp.fuse(vis, ir)
-            scores = metrics.compute(
-                fused[..., 0] * 255.0, ir[..., 0] * 255.0, vis[..., 0] * 255.0, names=names
-            )
-            for k, v in scores.items():
-                values.setdefault(k, []).extend(np.atleast_1d(v).tolist())
-        if not values:
+        if not rows:
             raise ConfigError(f"eval set {s.label!r} ({s.preset} at {s.root!r}) has no pairs")
-        out[s.label] = {k: float(np.mean(v)) for k, v in values.items()}
-        out[s.label]["pairs"] = float(len(next(iter(values.values()))))
+        entry = evaluate.summarize(rows, tuple(names))["run"][s.label]
+        out[s.label] = {k: float(entry[k]) for k in names}
+        out[s.label]["pairs"] = float(entry["n"])
     return out
 
 
@@ -304,10 +294,10 @@ def run_sweep(
     where = str(sweep_path)
     workdir = pathlib.Path(workdir).expanduser().absolute()
     train_fn = train_fn or _default_train
-    image_size = int(sweep.get("eval_image_size", 0))
     columns = tuple(sweep.get("columns", TABLE_COLUMNS))
+    convention = str(sweep.get("convention", "ivif_zoo"))
     eval_fn = eval_fn or (
-        lambda d, sets: evaluate_workdir(d, sets, image_size=image_size, names=columns)
+        lambda d, sets: evaluate_workdir(d, sets, names=columns, convention=convention)
     )
     base = base_config(sweep, sweep_path)
     common = [(k, resolve(v, sweep, where)) for k, v in tuple(sweep.get("overrides", ()))]

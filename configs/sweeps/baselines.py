@@ -35,6 +35,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dataset("RoadScene", "roadscene", "@vars.roadscene_root"),
         dataset("TNO", "tno", "@vars.tno_root"),
     )
-    c.eval_image_size = 0
+
     c.columns = ("EN", "SD", "SCD", "SSIM", "EI", "SF", "AG")
     return c

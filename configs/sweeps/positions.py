@@ -38,6 +38,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vars = ml_collections.ConfigDict()
     c.vars.m3fd_root = ""
     c.eval = (dataset("M3FD", "m3fd", "@vars.m3fd_root"),)
-    c.eval_image_size = 0
+
     c.columns = ("EI", "SF", "AG", "SSIM")
     return c

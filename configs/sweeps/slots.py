@@ -57,6 +57,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vars = ml_collections.ConfigDict()
     c.vars.m3fd_root = ""  # the M3FD test folder (ir/ + vi/)
     c.eval = (dataset("M3FD", "m3fd", "@vars.m3fd_root"),)
-    c.eval_image_size = 0  # native resolution
+
     c.columns = ("EN", "SD", "SCD", "SSIM")
     return c

@@ -47,6 +47,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vars.l32 = ""  # converted TiTok-L-32 directory
     c.vars.m3fd_root = ""
     c.eval = (dataset("M3FD", "m3fd", "@vars.m3fd_root"),)
-    c.eval_image_size = 0
+
     c.columns = ("EI", "SF", "AG", "SSIM")
     return c
