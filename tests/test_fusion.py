@@ -140,11 +140,19 @@ def test_unshared_trees():
         ("ste.positions", (3, 8), "model.ste.positions"),
         ("heads", 3, "model.dim"),
         ("dtype", "float64", "model.dtype"),
+        ("remat", 1, "model.remat"),
+        ("encoder_input", "concat", "model.encoder_input"),
     ],
 )
 def test_bad_config_names_key(key, value, message):
+    cfg = tiny_config().to_dict()  # a plain dict: ConfigDict itself would refuse wrong types
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
     with pytest.raises(ConfigError, match=message):
-        fusion.TokFusion(tiny_config(**{key: value}))
+        fusion.TokFusion(cfg)
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -278,6 +286,26 @@ def test_bfloat16_close_to_float32(tok):
     b = jax.jit(bf16.fuse)(params, z_v, z_i, vis, ir)[0]
     assert b.dtype == jnp.float32
     assert float(jnp.abs(a - b).max()) <= 2e-2
+
+
+def test_remat_and_patch_embed_input_keep_results(tok):
+    """remat only changes memory/compute; encoder_input="add" adds patch_embed(image) to F_hat."""
+    plain = fusion.TokFusion(tiny_config(encoder_input="add", **LIGHT))
+    remat = fusion.TokFusion(tiny_config(encoder_input="add", remat=True, **LIGHT))
+    params = plain.init(jax.random.key(5), stage=2)
+    assert "patch_embed" in params["encoder"]
+    vis, ir = images((1, 16, 16, 1), 10), images((1, 16, 16, 1), 11)
+    z = titok.encode(tok, jnp.repeat(jnp.full((1, 32, 32, 1), 0.5), 3, -1)).quantized
+
+    def loss(model):
+        return lambda p: jnp.mean(model.fuse(p, z, z[:, ::-1], vis, ir)[0] ** 2)
+
+    l_a, g_a = jax.jit(jax.value_and_grad(loss(plain)))(params)
+    l_b, g_b = jax.jit(jax.value_and_grad(loss(remat)))(params)
+    assert abs(float(l_a) - float(l_b)) <= 1e-6
+    assert float(jnp.abs(g_a["encoder"]["patch_embed"]["kernel"]).max()) > 0
+    for a, b in zip(jax.tree_util.tree_leaves(g_a), jax.tree_util.tree_leaves(g_b), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 @pytest.mark.slow

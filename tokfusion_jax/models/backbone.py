@@ -9,6 +9,7 @@ Blocks (every convolution has stride 1 and keeps the spatial size):
 * `InvertedResidualBlock`, `DetailNode`, `DetailFeatureExtraction`: the INN detail branch, with
   an exact `inverse`.
 * `Encoder`: [patch_embed] -> TransformerBlocks -> (base, detail) in parallel.
+  `remat=True` (Encoder, Decoder) recomputes each block's activations in the backward pass.
 * `Decoder`: concat -> 1x1 reduce -> TransformerBlocks -> 3x3, LeakyReLU, 3x3 -> + residual ->
   sigmoid.
 
@@ -312,6 +313,14 @@ class DetailFeatureExtraction(nn.Module):
         return jnp.concatenate([z1, z2], axis=-1)
 
 
+def maybe_remat(cls: type[nn.Module], remat: bool) -> type[nn.Module]:
+    """`cls`, or its rematerialised form (activations recomputed in the backward pass).
+
+    The parameter tree is the same either way; remat trades compute for activation memory.
+    """
+    return nn.remat(cls) if remat else cls
+
+
 class Encoder(nn.Module):
     """Shared encoder: features -> `blocks` TransformerBlocks -> (base, detail) in parallel.
 
@@ -326,6 +335,7 @@ class Encoder(nn.Module):
     detail_layers: int = 3
     patch_embed: bool = True
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, image: Array, features: Array | None = None) -> tuple[Array, Array]:
@@ -338,12 +348,14 @@ class Encoder(nn.Module):
             raise ValueError("Encoder without patch_embed needs the token-induced features")
         else:
             x = features.astype(self.dtype)
+        block, base_cls, detail_cls = (
+            maybe_remat(c, self.remat)
+            for c in (TransformerBlock, BaseFeatureExtraction, DetailFeatureExtraction)
+        )
         for i in range(self.blocks):
-            x = TransformerBlock(
-                self.dim, self.heads, self.expansion, self.dtype, name=f"level1_{i}"
-            )(x)
-        base = BaseFeatureExtraction(self.dim, self.heads, self.dtype, name="base")(x)
-        detail = DetailFeatureExtraction(self.dim, self.detail_layers, self.dtype, name="detail")(x)
+            x = block(self.dim, self.heads, self.expansion, self.dtype, name=f"level1_{i}")(x)
+        base = base_cls(self.dim, self.heads, self.dtype, name="base")(x)
+        detail = detail_cls(self.dim, self.detail_layers, self.dtype, name="detail")(x)
         return base, detail
 
 
@@ -355,16 +367,16 @@ class Decoder(nn.Module):
     expansion: float = 2.0
     blocks: int = 4
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, base: Array, detail: Array, residual: Array | None = None) -> Array:
         """base, detail (B, H, W, dim); residual (B, H, W, 1) or None -> image (B, H, W, 1)."""
         x = jnp.concatenate([base.astype(self.dtype), detail.astype(self.dtype)], axis=-1)
         x = Conv2d(self.dim, 1, dtype=self.dtype, name="reduce_channel")(x)
+        block = maybe_remat(TransformerBlock, self.remat)
         for i in range(self.blocks):
-            x = TransformerBlock(
-                self.dim, self.heads, self.expansion, self.dtype, name=f"level2_{i}"
-            )(x)
+            x = block(self.dim, self.heads, self.expansion, self.dtype, name=f"level2_{i}")(x)
         x = Conv2d(self.dim // 2, 3, dtype=self.dtype, name="head_0")(x)
         x = nn.leaky_relu(x, negative_slope=0.01)
         x = Conv2d(1, 3, dtype=self.dtype, name="head_1")(x).astype(jnp.float32)

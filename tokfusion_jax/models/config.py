@@ -72,4 +72,7 @@ def model_config() -> ml_collections.ConfigDict:
     # Compute dtype of every apply ("float32" | "bfloat16" | "float16"); params stay float32,
     # LayerNorm statistics and softmax run in float32.
     c.dtype = "float32"
+    # Rematerialise the backbone blocks (recompute their activations in the backward pass):
+    # same parameters and results, much less activation memory in training, more compute.
+    c.remat = False
     return c

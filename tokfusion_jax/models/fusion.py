@@ -76,6 +76,7 @@ class ModelSpec:
     coarse_size: int
     refine_scale_init: float
     dtype: str
+    remat: bool = False
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -90,6 +91,14 @@ def _get(cfg: Any, key: str) -> Any:
         except (KeyError, AttributeError, TypeError) as e:
             raise ConfigError(f"model config: missing key model.{key}") from e
     return node
+
+
+def _has(cfg: Any, key: str) -> bool:
+    try:
+        _get(cfg, key)
+    except ConfigError:
+        return False
+    return True
 
 
 def _int(cfg: Any, key: str, minimum: int = 1) -> int:
@@ -152,6 +161,7 @@ def spec_from_config(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Mode
         coarse_size=_int(cfg, "coarse_size"),
         refine_scale_init=float(_get(cfg, "refine_scale_init")),
         dtype=_choice(cfg, "dtype", DTYPES),
+        remat=_bool(cfg, "remat") if _has(cfg, "remat") else False,
     )
     if spec.dim % 2 or spec.dim % spec.heads:
         raise ConfigError(
@@ -249,10 +259,17 @@ class TokFusion:
             detail_layers=s.detail_layers,
             patch_embed=not s.use_tokens or s.encoder_input == "add",
             dtype=dt,
+            remat=s.remat,
         )
-        self.decoder_module = backbone.Decoder(s.dim, s.heads, s.ffn_expansion, s.dec_blocks, dt)
-        self.base_fuse_module = backbone.BaseFeatureExtraction(s.dim, s.heads, dt)
-        self.detail_fuse_module = backbone.DetailFeatureExtraction(s.dim, s.fuse_detail_layers, dt)
+        self.decoder_module = backbone.Decoder(
+            s.dim, s.heads, s.ffn_expansion, s.dec_blocks, dtype=dt, remat=s.remat
+        )
+        self.base_fuse_module = backbone.maybe_remat(backbone.BaseFeatureExtraction, s.remat)(
+            s.dim, s.heads, dt
+        )
+        self.detail_fuse_module = backbone.maybe_remat(backbone.DetailFeatureExtraction, s.remat)(
+            s.dim, s.fuse_detail_layers, dt
+        )
 
     def __hash__(self) -> int:
         return hash(self.spec)
