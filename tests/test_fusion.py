@@ -372,5 +372,12 @@ def test_summary_cli(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "model.residual" in bad.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "tokfusion_jax.models.fusion", f"--config={tmp_path}/none.py"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "none.py" in missing.stderr.splitlines()[-1]
     text = fusion.summary(model_config_lib.model_config())
     assert "1,289,905" in text and "interface" in text
