@@ -373,15 +373,16 @@ def choose_positions(probs: np.ndarray) -> list[int]:
     return [chosen[k] for k in range(s)]
 
 
-def _shard(batch: Batch, sharding: Any) -> dict[str, Any]:
-    """Puts the numeric entries of a batch on the mesh (batch axis split), drops strings."""
-    out = {}
-    for key, value in batch.items():
-        arr = np.asarray(value)
-        if arr.dtype.kind in "USO":
-            continue
-        out[key] = arr if sharding is None else jax.device_put(arr, sharding)
-    return out
+def _shard(batch: Batch, mesh: Any) -> dict[str, Any]:
+    """This process's batch as global arrays split over the mesh; strings (names) dropped.
+
+    Without a mesh the numeric entries stay host arrays (jit puts them on the default device).
+    """
+    if mesh is not None:
+        from tokfusion_jax import sharding as sharding_lib
+
+        return sharding_lib.global_batch(batch, mesh)
+    return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind not in "USO"}
 
 
 def _mesh_shardings(mesh: Any) -> tuple[Any, Any]:
@@ -425,9 +426,9 @@ def probe_positions(
     """
     if num_slots < 1:
         raise ConfigError(f"probe slots={num_slots} must be >= 1")
-    batch_sh, repl_sh = _mesh_shardings(mesh)
+    _, repl_sh = _mesh_shardings(mesh)
     iterator = iter(batches)
-    first = _shard(next(iterator), batch_sh)
+    first = _shard(next(iterator), mesh)
     if mesh is not None:
         frozen = jax.device_put(frozen, repl_sh)
     tokens = jax.eval_shape(token_fn, frozen, first)
@@ -464,7 +465,7 @@ def probe_positions(
     for i in steps:
         if i > 0:
             try:
-                batch = _shard(next(iterator), batch_sh)
+                batch = _shard(next(iterator), mesh)
             except StopIteration:
                 raise ConfigError(
                     f"the data ran out after {i} batches; probe.steps={settings.steps} needs more"
@@ -563,7 +564,7 @@ def probe_channels(
         g = jax.grad(per_image)(jnp.zeros((b, m, pos.shape[0], c), jnp.float32))
         return jnp.sum(g, axis=0), jnp.sum(jnp.abs(g), axis=0)  # (M, P, C) each
 
-    batch_sh, repl_sh = _mesh_shardings(mesh)
+    _, repl_sh = _mesh_shardings(mesh)
     if mesh is not None:
         frozen = jax.device_put(frozen, repl_sh)
     fn = jax.jit(grads_fn)
@@ -572,7 +573,7 @@ def probe_channels(
     iterator = iter(batches)
     for _ in range(settings.channel_batches):
         try:
-            batch = _shard(next(iterator), batch_sh)
+            batch = _shard(next(iterator), mesh)
         except StopIteration:
             break
         g, a = fn(frozen, batch)
