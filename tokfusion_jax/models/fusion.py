@@ -22,6 +22,11 @@ Encoder input [choice, `model.encoder_input`]: "replace" (default): the token-in
 interface's detail injection; "add": patch_embed(image) + F_hat. With `use_tokens=False` the
 model is exactly CDDFuse (patch_embed on the image), 1,188,272 parameters at dim 64.
 
+Compute dtype: `model.dtype` (params stay float32). `model.remat=True` recomputes the backbone
+blocks' activations in the backward pass (same params and results, less training memory).
+`init` draws the parameters on the host with NumPy from the rng's key data (the distributions the
+modules declare: PyTorch's defaults); under a trace it falls back to flax's own `init_traced`.
+
 Run `python -m tokfusion_jax.models.fusion [--config=configs/x.py]` for a parameter summary.
 """
 
