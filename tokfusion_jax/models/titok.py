@@ -278,6 +278,18 @@ def _f32_norm(norm: nn.Module, x: Array) -> Array:
     return norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
+def attention(q: Array, k: Array, v: Array) -> Array:
+    """Softmax attention over heads-major (B, heads, L, D) inputs; softmax in float32.
+
+    The same math as ``jax.nn.dot_product_attention``; the heads-major layout keeps both
+    matmuls plain batched GEMMs, which is markedly faster on CPU.
+    """
+    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # (B, heads, L, L)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
 class ResidualAttentionBlock(nn.Module):
     """Pre-norm ViT block: x + MHA(LN(x)), then x + MLP(LN(x)); exact GELU, no dropout."""
 
@@ -293,10 +305,9 @@ class ResidualAttentionBlock(nn.Module):
         head_dim = width // self.heads
         h = _f32_norm(_layer_norm("ln_1"), x)
         qkv = nn.Dense(3 * width, dtype=self.dtype, name="in_proj")(h)  # (B, L, 3W)
-        qkv = qkv.reshape(b, length, 3, self.heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, heads, D) each
-        attn = jax.nn.dot_product_attention(q, k, v)  # (B, L, heads, D)
-        attn = attn.reshape(b, length, width)
+        qkv = qkv.reshape(b, length, 3, self.heads, head_dim).transpose(2, 0, 3, 1, 4)
+        attn = attention(qkv[0], qkv[1], qkv[2])  # (B, heads, L, D)
+        attn = attn.transpose(0, 2, 1, 3).reshape(b, length, width)
         x = x + nn.Dense(width, dtype=self.dtype, name="out_proj")(attn)
         h = _f32_norm(_layer_norm("ln_2"), x)
         h = nn.Dense(self.mlp_dim, dtype=self.dtype, name="c_fc")(h)
