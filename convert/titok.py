@@ -54,14 +54,6 @@ class Rule:
     stacked: bool = False
 
 
-def _flax_shape(rule: Rule) -> Shape:
-    s = rule.torch_shape
-    one = {"copy": s, "linear": s[::-1], "conv1x1": s[1::-1]}.get(rule.kind)
-    if rule.kind == "conv":
-        one = (s[2], s[3], s[1], s[0])
-    return ((len(rule.torch_keys),) if rule.stacked else ()) + tuple(one)
-
-
 def _transform(x: Any, kind: str) -> Any:
     if kind == "linear":
         return jnp.transpose(x)  # (out, in) -> (in, out)

@@ -5,7 +5,8 @@ checkpoint-compatible reference), including its two layout quirks:
 
 * legacy checkpoints (L-32, B-64, S-128) project the encoder latents to tokens with a 1x1 conv
   applied after a row-major *reshape* (not a transpose) of ``(B, N, W)`` into ``(B, W, N)``, so
-  token ``i`` mixes feature columns ``f = i (mod N)`` of every latent token;
+  token ``i`` mixes feature columns ``f = i (mod N)`` of every latent token (when N divides W,
+  as in every official config);
 * the pixel decoder's resnet blocks that change width return ``h + nin_shortcut(h)`` where ``h``
   is their second conv's output (the block input is not a skip connection).
 
