@@ -423,3 +423,15 @@ def test_differentiable_versions_match_and_have_finite_gradients():
     assert float(jnp.abs(grad[0]).sum()) > 0
     # A single (H, W) image gives a scalar.
     assert metrics.differentiable_sf(unit[0][0]).shape == ()
+
+
+def test_vmapped_batch_equals_sequential_loop():
+    """The accelerator path (vmap) and the CPU path (lax.map) give the same numbers."""
+    rng = np.random.default_rng(4)
+    f, a, b = (jnp.asarray(rng.integers(0, 256, (3, 20, 24)).astype(np.uint8)) for _ in range(3))
+    kw = dict(names=metrics.METRIC_NAMES, convention="ivif_zoo", ssim_precision="float64")
+    with jax.enable_x64(True):
+        seq = metrics._compute_batch(f, a, b, sequential=True, **kw)
+        vec = metrics._compute_batch(f, a, b, sequential=False, **kw)
+    for name in metrics.METRIC_NAMES:
+        np.testing.assert_allclose(vec[name], seq[name], rtol=1e-6, err_msg=name)

@@ -38,7 +38,8 @@ size; MI, VIF and SSIM are float64 (the references use float64 there, and VIF/SS
 digits to E[x^2] - E[x]^2 cancellation in float32; VIF's final log terms are float32).
 ``ssim_precision="float32"`` reproduces the float32 as-shipped SSIM arithmetic.
 
-Everything is jit-compiled and vmapped over a batch of same-size images.
+Everything is jit-compiled and batched over same-size images (vmapped on accelerators, a
+`lax.map` loop on CPU, where it is about twice as fast per image).
 
 The ``differentiable_*`` functions are smooth float32 versions of EI, AG, SF and SSIM for use as
 training or probing objectives on float images (no rounding, safe square roots).
@@ -407,7 +408,7 @@ def _metric_fn(
     return table[name]
 
 
-@functools.partial(jax.jit, static_argnames=("names", "convention", "ssim_precision"))
+@functools.partial(jax.jit, static_argnames=("names", "convention", "ssim_precision", "sequential"))
 def _compute_batch(
     fused: jax.Array,
     a: jax.Array,
@@ -416,13 +417,21 @@ def _compute_batch(
     names: tuple[str, ...],
     convention: str,
     ssim_precision: str,
+    sequential: bool,
 ) -> dict[str, jax.Array]:
-    """uint8 (B, H, W) triplets -> {name: (B,)}."""
-    out = {}
-    for name in names:
-        fn = _metric_fn(name, convention, ssim_precision)
-        out[name] = jax.vmap(fn)(fused, a, b)
-    return out
+    """uint8 (B, H, W) triplets -> {name: (B,)}.
+
+    `sequential` loops over the batch with `lax.map` (CPU: the working set of one image stays
+    in cache, about 2x faster per image than `vmap`); otherwise the batch is vmapped.
+    """
+
+    def one(triplet):
+        f, x, y = triplet
+        return {name: _metric_fn(name, convention, ssim_precision)(f, x, y) for name in names}
+
+    if sequential:
+        return jax.lax.map(one, (fused, a, b))
+    return jax.vmap(lambda f, x, y: one((f, x, y)))(fused, a, b)
 
 
 def to_uint8_gray(x: np.ndarray | jax.Array, what: str = "image") -> np.ndarray:
@@ -493,6 +502,7 @@ def compute(
             names=names,
             convention=convention,
             ssim_precision=ssim_precision,
+            sequential=jax.default_backend() == "cpu",
         )
         values = {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
     if single:
