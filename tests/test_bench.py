@@ -86,7 +86,7 @@ def test_ratio_lines_use_the_worst_batch():
         _row("train stage 2 tokenizer", "jax", {1: 1.0}),
         _row("train stage 2 cached", "jax", {1: 5.1}),
     ]
-    lines = bench.ratio_lines(rows, bench.Settings(torch_compile=False))
+    lines = bench.ratio_lines(rows, bench.Settings(torch_compile="off"))
     assert "encoder JAX vs PyTorch eager: 1.50x" in lines
     assert "train step with token cache vs without: 5.10x" in lines
 

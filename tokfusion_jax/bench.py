@@ -410,7 +410,7 @@ class Settings:
     torch_variants: tuple[str, ...] = ("l32",)
     torch_dtypes: tuple[str, ...] = ("float32",)
     torch_batches: tuple[int, ...] = (1, 8)
-    torch_compile: bool = True
+    torch_compile: str = "on"  # "on" (eager and compiled), "off" (eager), "only" (compiled)
     fuse_variant: str = "l32"
     fuse_dtypes: tuple[str, ...] = ("float32",)
     fuse_sizes: tuple[tuple[int, int], ...] = ((256, 256), (480, 640))  # (H, W)
@@ -431,7 +431,7 @@ class Settings:
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
-        "torch_compile": False,  # inductor's compile of L-32 takes minutes on 2 cores
+        "torch_compile": "off",  # inductor's compile of L-32 takes minutes on 2 cores
         "fuse_batches": (1,),
         "warmup": 1,
         "budget_s": 30.0,
@@ -454,7 +454,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train_variant": "tiny",
         "encode_batches": (1, 2),
         "torch_batches": (1, 2),
-        "torch_compile": False,
+        "torch_compile": "off",
         "fuse_sizes": ((32, 32), (24, 40)),
         "fuse_batches": (1, 2),
         "train_size": (32, 32),
@@ -637,7 +637,10 @@ def _torch_encoder(variant: str, dtype: str, device: str) -> Any:
             delattr(model, name)  # encode never reads them; keeps memory and set-up small
     model = model.to_empty(device=device)
     titok_torch.init_random_(model, seed=0)
-    return model.to(getattr(torch, dtype)).eval(), config
+    model = model.to(getattr(torch, dtype)).eval()
+    if hasattr(model, "quantize"):
+        model.quantize.float()  # the quantizer runs in float32, as in the original
+    return model, config
 
 
 def bench_torch_encode(variant: str, dtype: str, settings: Settings, peak: PeakFlops) -> list[Row]:
@@ -650,7 +653,9 @@ def bench_torch_encode(variant: str, dtype: str, settings: Settings, peak: PeakF
     size = config.image_size
     hand = titok_config_encoder_flops(config)
     frozen = sum(p.numel() for p in model.parameters())
-    modes = ["torch eager"] + (["torch compile"] if settings.torch_compile else [])
+    modes = {"on": ["torch eager", "torch compile"], "off": ["torch eager"]}.get(
+        settings.torch_compile, ["torch compile"]
+    )
     rows = []
     for mode in modes:
         row = Row(
@@ -683,7 +688,8 @@ def bench_torch_encode(variant: str, dtype: str, settings: Settings, peak: PeakF
                 timing = time_torch(
                     call,
                     sync,
-                    warmup=settings.warmup,
+                    # a new batch size can recompile more than once (static, then dynamic)
+                    warmup=settings.warmup if mode == "torch eager" else max(settings.warmup, 3),
                     repeats=repeats,
                     budget_s=settings.budget_s or None,
                 )
@@ -694,7 +700,7 @@ def bench_torch_encode(variant: str, dtype: str, settings: Settings, peak: PeakF
                     row.best_batch, row.items_per_s = batch, row.throughput_by_batch[batch]
                 print(f"  {mode} {variant} {dtype} batch {batch}: {1e3 * timing.median_s:.1f} ms")
         except Exception as e:  # noqa: BLE001 - torch.compile is best effort
-            if mode == "torch eager":
+            if mode == "torch eager" or len(modes) == 1:
                 raise
             row.note += " | failed: " + " ".join(f"{type(e).__name__}: {e}".split())[:200]
         if row.items_per_s:
@@ -753,10 +759,14 @@ def _tokenizer(variant: str) -> Any:
     codebook), as an inference deployment would: the decoders never reach the device."""
     from tokfusion_jax.models import titok
 
-    with jax.default_device(jax.devices("cpu")[0]):
-        tok = titok.create(tokenizer_config(variant), seed=0)
-    params = {k: v for k, v in tok.params.items() if k not in DECODE_ONLY_PARAMS}
-    return dataclasses.replace(tok, params=jax.device_put(params, jax.devices()[0]))
+    config = tokenizer_config(variant)
+    model = titok.TiTok(config)
+    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    init = functools.partial(model.init, method=titok.TiTok.encode)  # encode's params only
+    with jax.default_device(jax.devices("cpu")[0]):  # no init temporaries on the device
+        params = jax.jit(init)(jax.random.key(0), images)["params"]
+    params = jax.device_put(params, jax.devices()[0])
+    return titok.Tokenizer(model=model, params=params, config=config)
 
 
 def bench_fuse(size: tuple[int, int], dtype: str, settings: Settings, peak: PeakFlops) -> Row:
@@ -993,7 +1003,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, argpars
     for name in _OVERRIDES:
         default = getattr(Settings(), name)
         parser.add_argument(f"--{name}", default=None, help=f"(preset default {default})")
-    parser.add_argument("--torch_compile", choices=("on", "off"), default=None)
+    parser.add_argument("--torch_compile", choices=("on", "off", "only"), default=None)
     parser.add_argument("--json", default="", help="write all results to this JSON file")
     parser.add_argument(
         "--from_json",
@@ -1013,7 +1023,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, argpars
             except ValueError as e:
                 raise errors.ConfigError(f"--{name}={value!r} is not valid: {e}") from None
     if args.torch_compile is not None:
-        fields["torch_compile"] = args.torch_compile == "on"
+        fields["torch_compile"] = args.torch_compile
     settings = Settings(**fields)
     for row in settings.rows:
         if row not in ROW_NAMES:
