@@ -64,6 +64,7 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
         jax.distributed.initialize(coordinator_address=explicit, num_processes=num, process_id=pid)
     else:
         jax.distributed.initialize()
+    host_barrier("initialized")
     logging.info(
         "distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),
@@ -72,6 +73,22 @@ def initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
         jax.device_count(),
     )
     return True
+
+
+def host_barrier(name: str, timeout_s: int = 900) -> None:
+    """Waits until every process reaches ``name`` (coordination service; no-op single-process).
+
+    Unlike a device collective, this barrier tolerates processes arriving minutes apart (slow
+    start-up or compilation on a loaded host), which the CPU collectives' 30 s set-up does not.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as _distributed  # the coordination-service client
+
+    client = _distributed.global_state.client
+    if client is None:
+        return
+    client.wait_at_barrier(f"tokfusion_{name}", timeout_in_ms=timeout_s * 1000)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:

@@ -497,10 +497,7 @@ def resolve_tokenizer(
 
 
 def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    shd.host_barrier(name)
 
 
 def _check_tokenizer_matches(config, tok: titok.Tokenizer) -> None:
@@ -556,6 +553,7 @@ def train_and_evaluate(
     if jax.default_backend() == "cpu" and config.model.dtype != "float32":
         logging.warning("compute dtype %s on CPU is slow; float32 is advised", config.model.dtype)
 
+    _sync("before-tokenizer")
     tok, tok_path = resolve_tokenizer(config, workdir)
     _check_tokenizer_matches(config, tok)
     use_cache = bool(config.data.token_cache)
