@@ -206,13 +206,15 @@ def parse_datasets(datasets: Sequence[str], roots: Sequence[str]) -> list[Datase
 # --------------------------------------------------------------------------------------------
 
 
+_Triplet = tuple[Any, np.ndarray, np.ndarray, np.ndarray]  # (key, fused, a, b), uint8 (H, W)
+
+
 class _MetricBuffer:
     """Collects (key, fused, a, b) uint8 triplets by size and scores them in padded batches."""
 
     def __init__(self, names: tuple[str, ...], convention: str) -> None:
         self.names, self.convention = names, convention
-        self.pending: dict[tuple[int, int], list[tuple[Any, np.ndarray, np.ndarray, np.ndarray]]]
-        self.pending = {}
+        self.pending: dict[tuple[int, ...], list[_Triplet]] = {}
         self.results: dict[Any, dict[str, float]] = {}
 
     def add(self, key: Any, f: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
