@@ -240,8 +240,9 @@ class _MetricBuffer:
         for i, it in enumerate(items):
             self.results[it[0]] = {name: float(values[name][i]) for name in self.names}
 
-    def finish(self) -> dict[Any, dict[str, float]]:
-        for shape in list(self.pending):
+    def finish(self, desc: str = "metrics", progress: bool = True) -> dict[Any, dict[str, float]]:
+        """Scores what is left (one batch per image size, with a progress bar)."""
+        for shape in tqdm(list(self.pending), desc=desc, unit="size", disable=not progress):
             self._flush(shape)
         return self.results
 
@@ -318,7 +319,7 @@ def evaluate(
                         imio.save_png(os.path.join(folder, r["name"] + ".png"), img)
             bar.update(len(chunk))
         bar.close()
-        results = buffer.finish()
+        results = buffer.finish(f"metrics {spec.label}", progress)
         for m in methods:
             for r in records:
                 rows.append(
