@@ -599,7 +599,8 @@ def probe_channels(
 # ----------------------------------------------------------------------------- outputs
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` via a temp file in the same folder and os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -615,7 +616,7 @@ def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes ``obj`` as indented JSON, atomically (temp file + os.replace)."""
-    _atomic_write_bytes(pathlib.Path(path), (json.dumps(obj, indent=2) + "\n").encode())
+    write_bytes_atomic(pathlib.Path(path), (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def ste_snippet(
@@ -715,7 +716,7 @@ def _save_figure(fig: Any, path: pathlib.Path) -> None:
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    _atomic_write_bytes(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def plot_distributions(
@@ -1019,13 +1020,18 @@ __all__ = [
     "fusion_problem",
     "edit_tokens",
     "gumbel_softmax",
+    "init_probe_state",
     "load_ste_snippet",
+    "make_probe_step",
+    "normalized_objective",
+    "plot_distributions",
     "probe_channels",
     "probe_positions",
     "probe_workdir",
     "run_probe",
     "ste_snippet",
     "temperature",
+    "write_bytes_atomic",
     "write_json",
 ]
 

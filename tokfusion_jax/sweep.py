@@ -45,7 +45,7 @@ from typing import Any
 import ml_collections
 
 from tokfusion_jax.errors import ConfigError
-from tokfusion_jax.probe import write_json
+from tokfusion_jax.probe import write_bytes_atomic, write_json
 
 TABLE_COLUMNS = ("EN", "SD", "SCD", "SSIM", "EI", "SF", "AG")  # paper Tables 1/7 and 3/4
 DONE_FILE = "done.json"
@@ -406,8 +406,6 @@ def write_table(
     title: str,
 ) -> str:
     """Writes ``results.md``, ``results.csv`` (one row per variant and set) and ``results.json``."""
-    from tokfusion_jax.probe import _atomic_write_bytes
-
     md = markdown_table(results, sets, columns, title)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -419,8 +417,8 @@ def write_table(
                 [r["variant"], r["label"], s, *(f"{m[c]:.6f}" if c in m else "" for c in columns)]
             )
     outdir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(outdir / "results.md", md.encode())
-    _atomic_write_bytes(outdir / "results.csv", buffer.getvalue().encode())
+    write_bytes_atomic(outdir / "results.md", md.encode())
+    write_bytes_atomic(outdir / "results.csv", buffer.getvalue().encode())
     write_json(outdir / "results.json", {"title": title, "sets": list(sets), "rows": list(results)})
     return md
 
