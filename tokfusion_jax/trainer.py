@@ -554,7 +554,8 @@ def train_and_evaluate(
         logging.warning("compute dtype %s on CPU is slow; float32 is advised", config.model.dtype)
 
     _sync("before-tokenizer")
-    tok, tok_path = resolve_tokenizer(config, workdir)
+    # Loaded straight onto the (global) mesh, replicated: every process restores its own copy.
+    tok, tok_path = resolve_tokenizer(config, workdir, sharding=shd.replicated(mesh))
     _check_tokenizer_matches(config, tok)
     use_cache = bool(config.data.token_cache)
     frozen = None if use_cache else tok
