@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from tokfusion_jax import color
 from tokfusion_jax.data import io as imio
-from tokfusion_jax.data.sources import natural_key
+from tokfusion_jax.data.sources import list_images, natural_key
 from tokfusion_jax.errors import DataError, TokFusionError, cli_main
 
 FuseFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (B,H,W) vis, ir in [0,1] -> (B,H,W)
@@ -113,23 +113,10 @@ def fuse_padded(fuse_fn: FuseFn, vis: np.ndarray, ir: np.ndarray) -> np.ndarray:
 
 
 def _list_images(folder: str, what: str) -> dict[str, str]:
+    """Stem -> path of the images in `folder` (pairing rules of `sources.list_images`)."""
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: {what} folder not found")
-    files: dict[str, str] = {}
-    for entry in sorted(os.listdir(folder)):
-        path = os.path.join(folder, entry)
-        if os.path.isdir(path) or imio.is_ignored_file(entry):
-            continue
-        if not imio.is_image_file(entry):
-            raise DataError(
-                f"{path}: unsupported image format (expected one of "
-                f"{', '.join(imio.SUPPORTED_EXTENSIONS)})"
-            )
-        stem = os.path.splitext(entry)[0]
-        if stem in files:
-            raise DataError(f"{path}: a second file with the stem {stem!r} ({files[stem]})")
-        files[stem] = path
-    return files
+    return {stem: os.path.join(folder, name) for stem, name in list_images(folder).items()}
 
 
 def pair_folders(vis_dir: str, ir_dir: str, out_dir: str) -> list[PairPaths]:

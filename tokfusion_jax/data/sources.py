@@ -107,7 +107,7 @@ class PairedSource(Sequence[dict[str, Any]]):
         self.dirs = (dir_a, dir_b)
         self.modalities = modalities or (mod_a.lower(), mod_b.lower())
         self.name = name or os.path.basename(os.path.normpath(self.root))
-        files_a, files_b = _list_images(dir_a), _list_images(dir_b)
+        files_a, files_b = list_images(dir_a), list_images(dir_b)
         only_a = sorted(set(files_a) - set(files_b), key=natural_key)
         only_b = sorted(set(files_b) - set(files_a), key=natural_key)
         unpaired = [os.path.join(dir_a, files_a[s]) for s in only_a] + [
@@ -274,7 +274,7 @@ def _find_dir(root: str, name: str) -> str | None:
     return None
 
 
-def _list_images(folder: str) -> dict[str, str]:
+def list_images(folder: str) -> dict[str, str]:
     """Stem -> file name for the images of one folder (not recursive)."""
     by_stem: dict[str, str] = {}
     for entry in sorted(os.listdir(folder)):
