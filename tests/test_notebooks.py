@@ -130,9 +130,13 @@ def _run(name: str, kernel_name: str, workdir: pathlib.Path) -> None:
             assert out.get("output_type") != "error", f"{name}: a cell reported an error"
 
 
-def test_notebooks_run_headless_in_quick_mode(kernel_env: str, tmp_path: pathlib.Path) -> None:
+def test_notebooks_run_headless_in_quick_mode(
+    kernel_env: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """All three, one after the other in one test: the quick runs share one tiny model, so the
     later notebooks reuse its compiled programs from the persistent XLA cache (run side by side
-    on two xdist workers, each would compile everything itself)."""
+    on two xdist workers, each would compile everything itself). The probe notebook probes the
+    quickstart's trained run (``TOKFUSION_QUICK_RUN``) instead of training it again."""
+    monkeypatch.setenv("TOKFUSION_QUICK_RUN", str(tmp_path / "quickstart" / "runs" / "quickstart"))
     for name in NOTEBOOKS:
         _run(name, kernel_env, tmp_path / name.removesuffix(".ipynb"))
