@@ -169,3 +169,30 @@ def test_cli_with_config_and_stale_exit(tmp_path, tok):
     assert stale.returncode == 2
     assert stale.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "built with tokenizer sha256" in stale.stderr
+
+
+def test_config_reads_val_root_with_the_validation_preset(tmp_path):
+    """--config: data.val_root is listed with val.dataset, the training root with data.dataset."""
+    import ml_collections
+
+    def folder(root, vis_dir, ir_dir, count):
+        (root / vis_dir).mkdir(parents=True)
+        (root / ir_dir).mkdir()
+        for i in range(count):
+            Image.fromarray(np.full((20, 20, 3), 9 * i, np.uint8)).save(root / vis_dir / f"{i}.png")
+            Image.fromarray(np.full((20, 20), 9 * i, np.uint8)).save(root / ir_dir / f"{i}.png")
+        return str(root)
+
+    # The RoadScene layout is unknown to the MSRS preset (the training preset).
+    config = ml_collections.ConfigDict(
+        {
+            "data": {
+                "dataset": "msrs",
+                "root": folder(tmp_path / "train", "vi", "ir", 2),
+                "val_root": folder(tmp_path / "val", "crop_LR_visible", "cropinfrared", 3),
+            },
+            "val": {"dataset": "roadscene"},
+        }
+    )
+    srcs = cache._sources_from_config(config, allow_unpaired=False)
+    assert [len(s) for s in srcs] == [2, 3]

@@ -329,9 +329,10 @@ def _sources_from_config(config: Any, allow_unpaired: bool) -> list[Any]:
     train_root = data.get("train_root") or data.get("root")
     if train_root:
         roots.append((data.dataset, train_root))
-    if data.get("val_root"):
-        roots.append((data.dataset, data.val_root))
     val = config.get("val")
+    if data.get("val_root"):  # the validation folder has its own preset (config.val.dataset)
+        val_dataset = (val.get("dataset") if val is not None else "") or data.dataset
+        roots.append((val_dataset, data.val_root))
     if val is not None and val.get("dataset") and val.get("root"):
         roots.append((val.dataset, val.root))
     if not roots and data.dataset == "samples":
