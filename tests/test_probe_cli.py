@@ -26,6 +26,9 @@ def _tiny_config():
     c.data.dataset = "samples"  # the pairs packaged with tokfusion_jax
     c.data.root = ""
     c.model.tokens.num_tokens = NUM_TOKENS
+    c.model.enc_blocks = c.model.dec_blocks = (
+        0  # the probe is under test: small graphs compile fast
+    )
     c.model.ste.positions = (3, 9)
     return c
 
@@ -51,7 +54,7 @@ def tiny_export(tmp_path_factory):
 
 def test_probe_workdir_writes_positions_channels_plots_json(tiny_export, tmp_path):
     cfg = probe.default_config()
-    cfg.steps = 12
+    cfg.steps = 4
     cfg.slots = (1, 2)
     cfg.channel_batches = 1
     cfg.batch_size = 8  # one image per fake device
