@@ -20,6 +20,14 @@ from tokfusion_jax.models import config as model_config_lib
 from tokfusion_jax.models import fusion, interface, titok
 
 N_TOKENS, TOKEN_DIM = 8, 12  # TiTokConfig.tiny()
+# XLA's cheapest CPU code generation: these graphs run once on tiny inputs, so compile time is
+# all that counts (several times shorter); every comparison below compiles both sides alike.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def fast_jit(fn):
+    """`jax.jit` with `FAST_COMPILE` (also usable as a decorator)."""
+    return jax.jit(fn, compiler_options=FAST_COMPILE)
 
 
 def tiny_tokenizer(**overrides) -> titok.Tokenizer:
@@ -200,7 +208,7 @@ def test_both_stages_and_gradients_on_tiny_titok(tok):
     vis, ir = images((2, 64, 64, 1), 2), images((2, 64, 64, 1), 3)
     weights = losses.loss_weights_config()
 
-    @jax.jit
+    @fast_jit
     def run(params, tok_params, vis, ir):
         def stage1(p, tp):
             t = tok.replace(params=tp)
@@ -250,7 +258,7 @@ def test_residual_modes_enter_inside_the_sigmoid(tok):
     for mode in ("none", "vis", "sum"):
         model = fusion.TokFusion(tiny_config(residual=mode, **LIGHT))
 
-        @jax.jit
+        @fast_jit
         def run(params, z_v, z_i, vis, ir, model=model):
             fused = model.fuse(params, z_v, z_i, vis, ir)[0]
             return fused, model.reconstruct(params, z_v, vis, "vis")[0]
@@ -266,7 +274,7 @@ def test_residual_modes_enter_inside_the_sigmoid(tok):
 def test_native_resolution_any_size(tok):
     model = fusion.TokFusion(tiny_config(**LIGHT))
     params = model.init(jax.random.key(2), stage=2)
-    fuse = jax.jit(model.fuse_images)
+    fuse = fast_jit(model.fuse_images)
     for h, w in ((64, 48), (72, 56), (21, 14)):  # the last one is padded to 24 x 16 and cropped
         vis, ir = images((1, h, w, 1), h), images((1, h, w, 1), w)
         out = fuse(params, tok, vis, ir)
@@ -282,8 +290,8 @@ def test_bfloat16_close_to_float32(tok):
     params["ste"]["delta"] = jnp.full((N_TOKENS, TOKEN_DIM), 0.2)
     vis, ir = images((2, 16, 24, 1), 6), images((2, 16, 24, 1), 7)
     z_v, z_i = f32.tokens(tok, vis), f32.tokens(tok, ir)
-    a = jax.jit(f32.fuse)(params, z_v, z_i, vis, ir)[0]
-    b = jax.jit(bf16.fuse)(params, z_v, z_i, vis, ir)[0]
+    a = fast_jit(f32.fuse)(params, z_v, z_i, vis, ir)[0]
+    b = fast_jit(bf16.fuse)(params, z_v, z_i, vis, ir)[0]
     assert b.dtype == jnp.float32
     assert float(jnp.abs(a - b).max()) <= 2e-2
 
@@ -300,8 +308,8 @@ def test_remat_and_patch_embed_input_keep_results(tok):
     def loss(model):
         return lambda p: jnp.mean(model.fuse(p, z, z[:, ::-1], vis, ir)[0] ** 2)
 
-    l_a, g_a = jax.jit(jax.value_and_grad(loss(plain)))(params)
-    l_b, g_b = jax.jit(jax.value_and_grad(loss(remat)))(params)
+    l_a, g_a = fast_jit(jax.value_and_grad(loss(plain)))(params)
+    l_b, g_b = fast_jit(jax.value_and_grad(loss(remat)))(params)
     assert abs(float(l_a) - float(l_b)) <= 1e-6
     assert float(jnp.abs(g_a["encoder"]["patch_embed"]["kernel"]).max()) > 0
     for a, b in zip(jax.tree_util.tree_leaves(g_a), jax.tree_util.tree_leaves(g_b), strict=True):
@@ -320,7 +328,7 @@ def test_paper_width_at_256():
     params = model.init(jax.random.key(4), stage=2, image_size=(256, 256))
     vis, ir = images((1, 256, 256, 1), 8), images((1, 256, 256, 1), 9)
 
-    @jax.jit
+    @fast_jit
     def both(params, tok, vis, ir):
         z_v, z_i = model.tokens(tok, vis), model.tokens(tok, ir)
         rec, feats = model.reconstruct(params, z_v, vis, "vis")
