@@ -272,3 +272,38 @@ def test_parameter_counts_match_cddfuse():
     assert _count(bb.Decoder(), feat, feat, img) == 207_936
     assert _count(bb.BaseFeatureExtraction(64, 8), feat) == 363_016
     assert _count(bb.DetailFeatureExtraction(64, 1), feat) == 18_176
+
+
+@pytest.mark.parametrize("c_in,c_out,groups,k", [(12, 12, 12, 3), (8, 8, 4, 3), (6, 12, 3, 5)])
+def test_grouped_conv_by_taps_matches_native_grouped_convolution(c_in, c_out, groups, k):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 9, 7, c_in)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, c_in // groups, c_out)), jnp.float32)
+    pad = ((k // 2, k // 2), (k // 2, k // 2))
+    native = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (1, 1),
+        pad,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+    taps = bb.grouped_conv_by_taps(x, kernel, groups, pad)
+    np.testing.assert_allclose(np.asarray(taps), np.asarray(native), atol=1e-5, rtol=1e-5)
+    grad = jax.grad(lambda x: jnp.sum(bb.grouped_conv_by_taps(x, kernel, groups, pad) ** 2))
+    grad_native = jax.grad(
+        lambda x: jnp.sum(
+            jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                (1, 1),
+                pad,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=groups,
+            )
+            ** 2
+        )
+    )
+    np.testing.assert_allclose(
+        np.asarray(grad(x)), np.asarray(grad_native(x)), atol=1e-4, rtol=1e-5
+    )

@@ -46,6 +46,35 @@ def torch_uniform(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
+def grouped_conv_by_taps(x: Array, kernel: Array, groups: int, padding: Any) -> Array:
+    """Grouped stride-1 convolution as a sum over the k*k kernel taps.
+
+    Same result as `lax.conv_general_dilated(..., feature_group_count=groups)` (up to the order
+    of the float additions). XLA:CPU lowers grouped and depthwise convolutions, and above all
+    their gradients, to slow generic loops (5-20x slower than this form in our measurements,
+    benchmarks/NOTES.md); accelerators keep the native convolution.
+    x (B, H, W, C_in), kernel (k, k, C_in / groups, C_out) -> (B, H, W, C_out).
+    """
+    k = kernel.shape[0]
+    if padding != "VALID":
+        (top, bottom), (left, right) = padding
+        x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    b, hp, wp, c_in = x.shape
+    h, w = hp - k + 1, wp - k + 1
+    per_group_in, c_out = kernel.shape[2], kernel.shape[3]
+    per_group_out = c_out // groups
+    taps = kernel.reshape(k, k, per_group_in, groups, per_group_out)  # group-major output
+    y = jnp.zeros((b, h, w, groups, per_group_out), jnp.result_type(x, kernel))
+    for i in range(k):
+        for j in range(k):
+            window = x[:, i : i + h, j : j + w, :].reshape(b, h, w, groups, per_group_in)
+            if per_group_in == 1 and per_group_out == 1:  # depthwise: a broadcast multiply
+                y = y + window * taps[i, j, 0][None, None, None]
+            else:
+                y = y + jnp.einsum("bhwgc,cgo->bhwgo", window, taps[i, j])
+    return y.reshape(b, h, w, c_out)
+
+
 class Conv2d(nn.Module):
     """k x k convolution, stride 1, 'same' output size. Kernel (k, k, C_in / groups, features)."""
 
@@ -74,14 +103,18 @@ class Conv2d(nn.Module):
             padding = ((pad, pad), (pad, pad))
         else:
             raise ValueError(f"Conv2d: unknown padding {self.padding!r}")
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(1, 1),
-            padding=padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups,
-        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if self.groups > 1 and jax.default_backend() == "cpu":
+            y = grouped_conv_by_taps(x, kernel, self.groups, padding)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(1, 1),
+                padding=padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=self.groups,
+            )
         if self.use_bias:
             bias = self.param("bias", torch_uniform(fan_in), (self.features,))
             y = y + bias.astype(self.dtype)
