@@ -136,7 +136,18 @@ def read_metrics(workdir):
 
 
 def test_two_stage_run_end_to_end(tiny_data, tiny_tokenizer, tmp_path):
-    """Both stages in one invocation: losses fall, validation metrics, logs, export, init_from."""
+    """Both stages in one invocation: losses fall, validation metrics, logs, export, init_from.
+
+    The run reads cached tokens (validation computes its own with the tokenizer) and logs every 4
+    steps, which does not divide the 6 stage-I steps (the stage-I remainder is logged at the
+    switch).
+    """
+    from tokfusion_jax.data import cache
+
+    token_dir = tmp_path / "tokens"
+    cache.build_cache(
+        str(token_dir), titok.load(tiny_tokenizer), [trainer.open_source("msrs", str(tiny_data))]
+    )
     config = tiny_config(
         tiny_data,
         tiny_tokenizer,
@@ -146,7 +157,9 @@ def test_two_stage_run_end_to_end(tiny_data, tiny_tokenizer, tmp_path):
             "train.stage1_epochs": 3,
             "train.stage2_epochs": 3,
             "train.keep_checkpoints": 2,
+            "train.log_every_steps": 4,
             "train.image_every_steps": 12,
+            "data.token_cache": str(token_dir),
             "val.dataset": "msrs",
             "val.max_pairs": 4,
             "val.every_steps": -1,
@@ -159,7 +172,8 @@ def test_two_stage_run_end_to_end(tiny_data, tiny_tokenizer, tmp_path):
     train = [r for r in records if "train/loss" in r]
     s1 = [r["train/loss"] for r in train if r["stage"] == 1]
     s2 = [r["train/loss"] for r in train if r["stage"] == 2]
-    assert len(s1) == 3 and len(s2) == 3
+    assert [r["step"] for r in train] == [4, 6, 8, 12]
+    assert "train/grad" in train[1] and "train/fusion" not in train[1]  # stage I only
     assert s1[-1] < s1[0] and s2[-1] < s2[0], (s1, s2)
     # The fuse layers' schedule starts at stage II; the encoder's counts from step 0.
     assert "train/lr/base_fuse" in train[-1] and "train/lr/base_fuse" not in train[0]
@@ -190,6 +204,37 @@ def test_two_stage_run_end_to_end(tiny_data, tiny_tokenizer, tmp_path):
             strict=True,
         ):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_host_scalars_average_each_key_over_the_steps_that_have_it():
+    stage1, stage2 = {"loss": 1.0, "grad": 2.0}, {"loss": 3.0, "fusion": 4.0}
+    got = trainer._host_scalars([stage1, stage1, stage2])
+    assert got == pytest.approx({"loss": 5 / 3, "grad": 2.0, "fusion": 4.0})
+
+
+def test_pipelines_take_the_data_options(tiny_data, monkeypatch):
+    """Training batches honour data.min_size/crop_size/flip; validation reads every pair."""
+    from tokfusion_jax.data import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "make_pipeline", lambda source, **kw: calls.append(kw) or [])
+    c = load_config("tiny")
+    c.data.min_size, c.data.crop_size, c.data.flip = 24, 16, True
+    source = trainer.open_source("msrs", str(tiny_data))
+    trainer.train_iterator(c, source, None, IMAGE)
+    assert trainer.val_batches(c, source, IMAGE) == []
+    train_kw, val_kw = calls
+    assert (train_kw["min_size"], train_kw["crop_size"], train_kw["flip"]) == (24, 16, True)
+    assert (val_kw["process_index"], val_kw["process_count"], val_kw["min_size"]) == (0, 1, 24)
+
+
+def test_model_init_under_eval_shape_with_a_closed_over_key():
+    model = TokFusion(load_config("tiny").model)
+    key = jax.random.key(3)
+    abstract = jax.eval_shape(lambda: model.init(key, stage=2, image_size=(IMAGE, IMAGE)))
+    concrete = model.init(key, stage=2, image_size=(IMAGE, IMAGE))
+    shapes = lambda t: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), t)
+    assert shapes(abstract) == shapes(concrete)
 
 
 def test_one_vs_eight_devices_same_losses(tiny_tokenizer):

@@ -308,6 +308,9 @@ def train_iterator(config, source, tok, image_size: int):
         process_count=jax.process_count(),
         token_cache=_token_cache(config, tok),
         worker_count=int(d.worker_count),
+        crop_size=int(d.get("crop_size", 0)),
+        flip=bool(d.get("flip", False)),
+        min_size=int(d.get("min_size", 16)),
     )
     return iter(ds)
 
@@ -322,6 +325,9 @@ def val_batches(config, source, image_size: int) -> list[dict[str, np.ndarray]]:
         shuffle=False,
         num_epochs=1,
         drop_remainder=False,
+        process_index=0,  # every process reads every validation pair
+        process_count=1,
+        min_size=int(config.data.get("min_size", 16)),
     )
     out, count = [], 0
     limit = int(config.val.max_pairs) or None
@@ -516,10 +522,14 @@ def _check_tokenizer_matches(config, tok: titok.Tokenizer) -> None:
 
 
 def _host_scalars(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
-    """Averages fetched per-step metrics (the only place the loop waits for the device)."""
+    """Averages fetched per-step metrics (the only place the loop waits for the device).
+
+    Each key is averaged over the steps that report it (the loop flushes at the stage switch, so
+    one call normally sees one stage's keys only).
+    """
     fetched = jax.device_get(metrics_list)
-    keys = fetched[0].keys()
-    return {k: float(np.mean([m[k] for m in fetched])) for k in keys}
+    keys = dict.fromkeys(k for m in fetched for k in m)
+    return {k: float(np.mean([m[k] for m in fetched if k in m])) for k in keys}
 
 
 def _meta(config, step: int, stage: int, epoch: int, tok_path: str, tok: titok.Tokenizer) -> dict:
@@ -603,9 +613,11 @@ def train_and_evaluate(
     it = train_iterator(config, source, tok, image_size)
 
     def abstract_state(stage: int) -> State:
-        # The model draws initial parameters on the host (cheap); only shapes are kept here.
-        params = stage_params(model, init_key, stage, (image_size, image_size))
-        shapes = jax.eval_shape(functools.partial(new_state, optimizer=optimizer), params)
+        shapes = jax.eval_shape(
+            lambda: new_state(
+                stage_params(model, init_key, stage, (image_size, image_size)), optimizer
+            )
+        )
         return jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes
         )
@@ -637,6 +649,9 @@ def train_and_evaluate(
         val_source = open_source(config.val.dataset, config.data.val_root)
     val_data = val_batches(config, val_source, image_size) if val_source is not None else []
 
+    # Validation computes tokens with the tokenizer (validation pairs need not be in the cache).
+    eval_frozen = tok if use_cache else frozen
+    eval_frozen_shardings = rep if use_cache else frozen_shardings
     step_fns: dict[int, Any] = {}
     eval_fns: dict[int, Any] = {}
 
@@ -647,9 +662,10 @@ def train_and_evaluate(
 
     def eval_fn(s: int):
         if s not in eval_fns:
+            eval_ctx = dataclasses.replace(ctx_for(s), use_token_cache=False, nan_from_step=-1)
             eval_fns[s] = jax.jit(
-                functools.partial(eval_outputs, ctx=ctx_for(s)),
-                in_shardings=(rep, frozen_shardings, rep),
+                functools.partial(eval_outputs, ctx=eval_ctx),
+                in_shardings=(rep, eval_frozen_shardings, rep),
                 out_shardings=rep,
             )
         return eval_fns[s]
@@ -694,7 +710,7 @@ def train_and_evaluate(
         if not val_data:
             return
         record = run_validation(
-            eval_fn(stage), state["params"], frozen, val_data, rep, stage, model, tok
+            eval_fn(stage), state["params"], eval_frozen, val_data, rep, stage, model, tok
         )
         logger.scalars(at_step, {f"val/{k}": v for k, v in record.items()} | {"stage": stage})
 
@@ -703,14 +719,31 @@ def train_and_evaluate(
             return
         b = val_data[0]
         batch = jax.device_put({k: v for k, v in b.items() if k in ("vis", "ir")}, rep)
-        _, out = eval_fn(stage)(state["params"], frozen, batch)
+        _, out = eval_fn(stage)(state["params"], eval_frozen, batch)
         tag = "val/vis_ir_fused" if stage == 2 else "val/vis_ir_reconstructed_vis"
         logger.images(at_step, tag, [b["vis"], b["ir"], np.asarray(jax.device_get(out))])
+
+    def log_train(at_step: int) -> None:
+        nonlocal t_last, step_last, last_metrics
+        check_finite(at_step)
+        scalars = _host_scalars(pending)
+        pending.clear()
+        now = time.perf_counter()
+        rate = (at_step - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, at_step
+        last_metrics = scalars
+        epoch = epoch_of(at_step - 1)
+        record = {"stage": stage, "epoch": epoch, "steps_per_sec": rate}
+        logger.scalars(at_step, record | {f"train/{k}": v for k, v in scalars.items()})
+        shown = {k: f"{v:.4g}" for k, v in scalars.items() if "/" not in k}
+        logger.progress(at_step, {"epoch": epoch, "stage": stage, **shown})
 
     try:
         with StopRequest() as stop:
             while step < total_steps:
                 if stage == 1 and step >= stage1_steps:
+                    if pending:  # stage-I steps since the last log line
+                        log_train(step)
                     save(step)  # the last stage-I state, before the switch
                     state = _switch(state, model, optimizer, init_key, fuse_init, rep)
                     stage = 2
@@ -723,17 +756,7 @@ def train_and_evaluate(
                 step += 1
 
                 if step % log_every == 0 or step == total_steps:
-                    check_finite(step)
-                    scalars = _host_scalars(pending)
-                    pending.clear()
-                    now = time.perf_counter()
-                    rate = (step - step_last) / max(now - t_last, 1e-9)
-                    t_last, step_last = now, step
-                    last_metrics = scalars
-                    record = {"stage": stage, "epoch": epoch_of(step - 1), "steps_per_sec": rate}
-                    logger.scalars(step, record | {f"train/{k}": v for k, v in scalars.items()})
-                    shown = {k: f"{v:.4g}" for k, v in scalars.items() if "/" not in k}
-                    logger.progress(step, {"epoch": epoch_of(step - 1), "stage": stage, **shown})
+                    log_train(step)
                 if image_every and step % image_every == 0:
                     images(step)
                 end_of_epoch = step % steps_per_epoch == 0

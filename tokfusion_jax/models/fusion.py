@@ -237,6 +237,12 @@ def pad_to_multiple(x: Array, multiple: int) -> Array:
     return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="symmetric")
 
 
+def _host_seed(rng: Array) -> np.ndarray:
+    """A concrete key's bits as a NumPy seed, also when it is closed over by eval_shape/jit."""
+    with jax.ensure_compile_time_eval():
+        return np.asarray(jax.random.key_data(rng)).astype(np.uint32).ravel()
+
+
 class TokFusion:
     """The trainable fusion model. Stateless: parameters live in the dict `init` returns."""
 
@@ -307,7 +313,7 @@ class TokFusion:
         if isinstance(rng, jax.core.Tracer):  # under jit / eval_shape: plain flax init
             return self.init_traced(rng, stage)
         abstract = jax.eval_shape(lambda k: self.init_traced(k, stage), rng)
-        seed = np.asarray(jax.random.key_data(rng)).astype(np.uint32).ravel()
+        seed = _host_seed(rng)
         return materialize(abstract, np.random.default_rng(seed), self.spec.refine_scale_init)
 
     def init_traced(self, rng: Array, stage: int = 1) -> Params:
@@ -342,7 +348,7 @@ class TokFusion:
         if isinstance(rng, jax.core.Tracer):
             return self._add_fuse_layers(params, rng)
         abstract = jax.eval_shape(lambda k: self._add_fuse_layers({}, k), rng)
-        seed = np.asarray(jax.random.key_data(rng)).astype(np.uint32).ravel()
+        seed = _host_seed(rng)
         fresh = materialize(abstract, np.random.default_rng(seed), self.spec.refine_scale_init)
         out = dict(params)
         for name, tree in fresh.items():
