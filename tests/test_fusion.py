@@ -20,8 +20,8 @@ from tokfusion_jax.models import config as model_config_lib
 from tokfusion_jax.models import fusion, interface, titok
 
 N_TOKENS, TOKEN_DIM = 8, 12  # TiTokConfig.tiny()
-# XLA's cheapest CPU code generation: these graphs run once on tiny inputs, so compile time is
-# all that counts (several times shorter); every comparison below compiles both sides alike.
+# XLA's cheapest CPU code generation: the tiny graphs below run once, so compile time is
+# nearly all that counts (several times shorter); each comparison compiles both sides alike.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
@@ -328,7 +328,7 @@ def test_paper_width_at_256():
     params = model.init(jax.random.key(4), stage=2, image_size=(256, 256))
     vis, ir = images((1, 256, 256, 1), 8), images((1, 256, 256, 1), 9)
 
-    @fast_jit
+    @jax.jit  # full size: optimised code runs faster than it compiles slower
     def both(params, tok, vis, ir):
         z_v, z_i = model.tokens(tok, vis), model.tokens(tok, ir)
         rec, feats = model.reconstruct(params, z_v, vis, "vis")
