@@ -15,19 +15,16 @@ Variants by argument:
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
+from tokfusion_jax import configlib
+
 
 def _common():
-    """Loads configs/common.py next to this file (config files are loaded by path)."""
-    path = pathlib.Path(__file__).with_name("common.py")
-    spec = importlib.util.spec_from_file_location("tokfusion_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """configs/common.py next to this file (config files are loaded by path)."""
+    return configlib.load_module(pathlib.Path(__file__).with_name("common.py"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

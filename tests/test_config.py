@@ -1,6 +1,5 @@
 """Training configs: variants load, overrides apply, bad values fail at start with one line."""
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -8,17 +7,14 @@ import sys
 import ml_collections
 import pytest
 
-from tokfusion_jax import trainer
+from tokfusion_jax import configlib, trainer
 from tokfusion_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return configlib.load_config(REPO / "configs" / f"{name}.py", arg)
 
 
 def test_paper_setting():

@@ -1,6 +1,5 @@
 """Inference export: exact parameter round trip, tokenizer identity checks, atomic replacement."""
 
-import importlib.util
 import json
 import pathlib
 
@@ -8,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from tokfusion_jax import export, trainer
+from tokfusion_jax import configlib, export, trainer
 from tokfusion_jax.errors import CheckpointError
 from tokfusion_jax.models import titok
 from tokfusion_jax.models.fusion import TokFusion
@@ -17,10 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config():
-    spec = importlib.util.spec_from_file_location("cfg_ivif", REPO / "configs" / "ivif.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
+    return configlib.load_config(REPO / "configs" / "ivif.py", "tiny")
 
 
 @pytest.fixture(scope="module")

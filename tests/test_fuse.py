@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import jax
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokfusion_jax import color, evaluate, export, fuse, metrics, trainer
+from tokfusion_jax import color, configlib, evaluate, export, fuse, metrics, trainer
 from tokfusion_jax.models import titok
 from tokfusion_jax.models.fusion import TokFusion
 
@@ -21,10 +20,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 def workdir(tmp_path_factory) -> pathlib.Path:
     """An untrained stage-II export with a random tiny tokenizer, via the real save_export."""
     run = tmp_path_factory.mktemp("run")
-    spec = importlib.util.spec_from_file_location("ivif_cfg", CONFIGS / "ivif.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = configlib.load_config(CONFIGS / "ivif.py", "tiny")
     size = int(config.data.image_size)
     num_tokens = int(config.model.tokens.num_tokens)
     token_dim = int(config.model.tokens.token_dim)

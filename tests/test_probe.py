@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokfusion_jax import probe
+from tokfusion_jax import configlib, probe
 from tokfusion_jax.errors import ConfigError
 from tokfusion_jax.models import interface
 
@@ -254,15 +254,11 @@ def test_settings_reject_bad_values():
 
 
 def test_probe_config_file_and_shipped_snippets():
-    import importlib.util
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1] / "configs"
-    spec = importlib.util.spec_from_file_location("probe_cfg", root / "probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     for arg in ("", "tiny"):
-        cfg = module.get_config(arg)
+        cfg = configlib.load_config(root / "probe.py", arg)
         settings = probe.ProbeSettings.from_config(cfg)
         assert dict(settings.weights) == {"ei": 1.0, "ag": 1.0, "sf": 1.0, "ssim": 1.0}
         assert cfg.select_budget in cfg.slots

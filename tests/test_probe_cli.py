@@ -1,6 +1,5 @@
 """The probe on a saved fusion export (frozen model + tokenizer), in-process and via the CLI."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -10,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from tokfusion_jax import export, probe, trainer
+from tokfusion_jax import configlib, export, probe, trainer
 from tokfusion_jax.models import interface, titok
 from tokfusion_jax.models.fusion import TokFusion
 
@@ -19,10 +18,7 @@ NUM_TOKENS = 16  # not the paper's 32: the probe must work for any token count
 
 
 def _tiny_config():
-    spec = importlib.util.spec_from_file_location("ivif_cfg", CONFIGS / "ivif.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+    c = configlib.load_config(CONFIGS / "ivif.py", "tiny")
     c.data.dataset = "samples"  # the pairs packaged with tokfusion_jax
     c.data.root = ""
     c.model.tokens.num_tokens = NUM_TOKENS

@@ -4,7 +4,6 @@ The runs use 32x32 synthetic pairs, an 8-channel model and a random-weight tiny 
 subprocess runs share a persistent XLA compilation cache so that each program compiles once.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokfusion_jax import checkpointing, optim, trainer
+from tokfusion_jax import checkpointing, configlib, optim, trainer
 from tokfusion_jax import sharding as shd
 from tokfusion_jax.errors import NonFiniteError
 from tokfusion_jax.models import titok
@@ -32,10 +31,7 @@ N_PAIRS = 16
 
 
 def load_config(arg="tiny"):
-    spec = importlib.util.spec_from_file_location("cfg_ivif", REPO / "configs" / "ivif.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return configlib.load_config(REPO / "configs" / "ivif.py", arg)
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,6 @@ import ast
 import csv
 import dataclasses
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -44,6 +43,7 @@ from typing import Any
 
 import ml_collections
 
+from tokfusion_jax import configlib
 from tokfusion_jax.errors import ConfigError
 from tokfusion_jax.probe import write_bytes_atomic, write_json
 
@@ -108,9 +108,7 @@ def load_sweep(spec: str) -> tuple[ml_collections.ConfigDict, pathlib.Path]:
 def _load_module(path: pathlib.Path, what: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: {what} config file not found")
-    spec = importlib.util.spec_from_file_location(f"tokfusion_{what}_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = configlib.load_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: a {what} config file must define get_config(arg)")
     return module
