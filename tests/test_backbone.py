@@ -274,36 +274,66 @@ def test_parameter_counts_match_cddfuse():
     assert _count(bb.DetailFeatureExtraction(64, 1), feat) == 18_176
 
 
-@pytest.mark.parametrize("c_in,c_out,groups,k", [(12, 12, 12, 3), (8, 8, 4, 3), (6, 12, 3, 5)])
-def test_grouped_conv_by_taps_matches_native_grouped_convolution(c_in, c_out, groups, k):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 9, 7, c_in)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((k, k, c_in // groups, c_out)), jnp.float32)
-    pad = ((k // 2, k // 2), (k // 2, k // 2))
-    native = jax.lax.conv_general_dilated(
+def _native_conv(x, kernel, groups, pad):
+    return jax.lax.conv_general_dilated(
         x,
         kernel,
         (1, 1),
         pad,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=groups,
+        precision=jax.lax.Precision.HIGHEST,
     )
-    taps = bb.grouped_conv_by_taps(x, kernel, groups, pad)
-    np.testing.assert_allclose(np.asarray(taps), np.asarray(native), atol=1e-5, rtol=1e-5)
-    grad = jax.grad(lambda x: jnp.sum(bb.grouped_conv_by_taps(x, kernel, groups, pad) ** 2))
-    grad_native = jax.grad(
-        lambda x: jnp.sum(
-            jax.lax.conv_general_dilated(
-                x,
-                kernel,
-                (1, 1),
-                pad,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=groups,
-            )
-            ** 2
-        )
+
+
+def _value_and_both_grads(conv_fn, x, kernel, weights):
+    """conv output and d/dx, d/dkernel of a weighted sum (a cotangent that is not all ones)."""
+    loss = lambda x, kernel: jnp.sum(jnp.tanh(conv_fn(x, kernel)) * weights)
+    return conv_fn(x, kernel), jax.grad(loss, argnums=(0, 1))(x, kernel)
+
+
+@pytest.mark.parametrize(
+    "c_in,c_out,groups,k,pad",
+    [
+        (12, 12, 12, 3, ((1, 1), (1, 1))),  # depthwise
+        (8, 8, 4, 3, ((1, 1), (1, 1))),  # 2 x 2 channels per group: elementwise path
+        (6, 12, 3, 5, ((2, 2), (2, 2))),  # 2 x 4 per group: einsum path
+        (4, 4, 4, 3, ((0, 2), (2, 0))),  # asymmetric padding
+        (8, 8, 8, 3, "VALID"),
+    ],
+)
+def test_grouped_conv_by_taps_value_and_gradients_match_native(c_in, c_out, groups, k, pad):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 9, 7, c_in)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, c_in // groups, c_out)), jnp.float32)
+    out_shape = _native_conv(x, kernel, groups, pad).shape
+    weights = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    got, (gx, gk) = _value_and_both_grads(
+        lambda x, w: bb.grouped_conv_by_taps(x, w, groups, pad), x, kernel, weights
     )
-    np.testing.assert_allclose(
-        np.asarray(grad(x)), np.asarray(grad_native(x)), atol=1e-4, rtol=1e-5
+    want, (wx, wk) = _value_and_both_grads(
+        lambda x, w: _native_conv(x, w, groups, pad), x, kernel, weights
     )
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(wx), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gk), np.asarray(wk), atol=1e-4, rtol=1e-5)
+
+
+def test_pointwise_conv_value_and_gradients_match_native():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 9, 7, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((1, 1, 6, 10)), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal((2, 9, 7, 10)), jnp.float32)
+    got, (gx, gk) = _value_and_both_grads(bb.pointwise_conv, x, kernel, weights)
+    want, (wx, wk) = _value_and_both_grads(
+        lambda x, w: _native_conv(x, w, 1, "VALID"), x, kernel, weights
+    )
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(wx), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gk), np.asarray(wk), atol=1e-4, rtol=1e-5)
+    # bfloat16 inputs: the weight gradient is accumulated in float32, returned in bfloat16.
+    _, (gx16, gk16) = _value_and_both_grads(
+        bb.pointwise_conv, x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), weights
+    )
+    assert gx16.dtype == gk16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(gk16, np.float32), np.asarray(wk), atol=0.2, rtol=3e-2)

@@ -46,13 +46,94 @@ def torch_uniform(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
+# Elementwise form of a per-tap group product when a group has at most this many
+# input x output channels (depthwise: 1, CDDFuse's groups=dim Mlp: 4); an einsum otherwise.
+_ELEMENTWISE_GROUP_SIZE = 4
+
+
+def _tap_product(window: Array, taps: Array) -> Array:
+    """One kernel tap of a grouped conv: (B, H, W, G, ci) x (ci, G, co) -> (B, H, W, G, co)."""
+    ci, _, co = taps.shape
+    if ci * co > _ELEMENTWISE_GROUP_SIZE:
+        return jnp.einsum("bhwgc,cgo->bhwgo", window, taps)
+    return sum(window[..., c : c + 1] * taps[c] for c in range(ci))  # broadcasts over co
+
+
+def _tap_kernel_grad(window: Array, grad: Array) -> Array:
+    """d(loss)/d(tap): (B, H, W, G, ci), (B, H, W, G, co) -> (ci, G, co), float32 accumulation."""
+    ci, co = window.shape[-1], grad.shape[-1]
+    if ci * co > _ELEMENTWISE_GROUP_SIZE:
+        return jnp.einsum("bhwgc,bhwgo->cgo", window, grad, preferred_element_type=jnp.float32)
+    groups = window.shape[-2]
+    w2 = window.reshape(-1, groups, ci).astype(jnp.float32)  # (N, G, ci)
+    g2 = grad.reshape(-1, groups, co).astype(jnp.float32)  # (N, G, co)
+    per_pair = [[jnp.sum(w2[:, :, c] * g2[:, :, o], axis=0) for o in range(co)] for c in range(ci)]
+    return jnp.stack([jnp.stack(row, axis=-1) for row in per_pair])  # (ci, G, co)
+
+
+def _valid_grouped_conv_fwd_only(xp: Array, taps: Array) -> Array:
+    """VALID grouped conv as a sum over taps.
+
+    xp (B, Hp, Wp, G, ci), taps (k, k, ci, G, co) -> (B, Hp - k + 1, Wp - k + 1, G, co).
+    """
+    k = taps.shape[0]
+    h, w = xp.shape[1] - k + 1, xp.shape[2] - k + 1
+    y = None
+    for i in range(k):
+        for j in range(k):
+            term = _tap_product(xp[:, i : i + h, j : j + w], taps[i, j])
+            y = term if y is None else y + term
+    return y
+
+
+@jax.custom_vjp
+def _valid_grouped_conv(xp: Array, taps: Array) -> Array:
+    return _valid_grouped_conv_fwd_only(xp, taps)
+
+
+def _valid_grouped_conv_fwd(xp: Array, taps: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _valid_grouped_conv_fwd_only(xp, taps), (xp, taps)
+
+
+def _valid_grouped_conv_bwd(res: tuple[Array, Array], grad: Array) -> tuple[Array, Array]:
+    """Both cotangents without XLA:CPU's generic convolution-gradient loops.
+
+    d/dxp: the same tap sum over the (k - 1)-padded output gradient with the spatially flipped
+    kernel whose ci and co axes are swapped. d/dtaps: one reduction per tap, run as a `lax.map`
+    over the k*k offsets (XLA:CPU runs k*k sibling reductions of shifted windows ~6x slower).
+    """
+    xp, taps = res
+    k = taps.shape[0]
+    h, w = grad.shape[1], grad.shape[2]
+    grad_padded = jnp.pad(grad, ((0, 0), (k - 1, k - 1), (k - 1, k - 1), (0, 0), (0, 0)))
+    flipped = jnp.flip(taps, axis=(0, 1)).transpose(0, 1, 4, 3, 2)  # (k, k, co, G, ci)
+    d_xp = _valid_grouped_conv_fwd_only(grad_padded, flipped).astype(xp.dtype)
+
+    offsets = jnp.array([(i, j) for i in range(k) for j in range(k)], jnp.int32)  # (k*k, 2)
+
+    b, hp, wp, groups, ci = xp.shape
+    xp_flat = xp.reshape(b, hp, wp, groups * ci)  # 4D slices stay on XLA:CPU's fast path
+
+    def one_tap(offset: Array) -> Array:  # -> (ci, G, co)
+        window = jax.lax.dynamic_slice(
+            xp_flat, (0, offset[0], offset[1], 0), (b, h, w, groups * ci)
+        )
+        return _tap_kernel_grad(window.reshape(b, h, w, groups, ci), grad)
+
+    d_taps = jax.lax.map(one_tap, offsets).reshape(taps.shape).astype(taps.dtype)
+    return d_xp, d_taps
+
+
+_valid_grouped_conv.defvjp(_valid_grouped_conv_fwd, _valid_grouped_conv_bwd)
+
+
 def grouped_conv_by_taps(x: Array, kernel: Array, groups: int, padding: Any) -> Array:
-    """Grouped stride-1 convolution as a sum over the k*k kernel taps.
+    """Grouped stride-1 convolution as a sum over the k*k kernel taps, with a custom gradient.
 
     Same result as `lax.conv_general_dilated(..., feature_group_count=groups)` (up to the order
     of the float additions). XLA:CPU lowers grouped and depthwise convolutions, and above all
-    their gradients, to slow generic loops (5-20x slower than this form in our measurements,
-    benchmarks/NOTES.md); accelerators keep the native convolution.
+    their gradients, to slow generic loops (benchmarks/NOTES.md has the measurements);
+    accelerators keep the native convolution. Reverse-mode differentiable only.
     x (B, H, W, C_in), kernel (k, k, C_in / groups, C_out) -> (B, H, W, C_out).
     """
     k = kernel.shape[0]
@@ -60,19 +141,45 @@ def grouped_conv_by_taps(x: Array, kernel: Array, groups: int, padding: Any) -> 
         (top, bottom), (left, right) = padding
         x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     b, hp, wp, c_in = x.shape
-    h, w = hp - k + 1, wp - k + 1
     per_group_in, c_out = kernel.shape[2], kernel.shape[3]
-    per_group_out = c_out // groups
-    taps = kernel.reshape(k, k, per_group_in, groups, per_group_out)  # group-major output
-    y = jnp.zeros((b, h, w, groups, per_group_out), jnp.result_type(x, kernel))
-    for i in range(k):
-        for j in range(k):
-            window = x[:, i : i + h, j : j + w, :].reshape(b, h, w, groups, per_group_in)
-            if per_group_in == 1 and per_group_out == 1:  # depthwise: a broadcast multiply
-                y = y + window * taps[i, j, 0][None, None, None]
-            else:
-                y = y + jnp.einsum("bhwgc,cgo->bhwgo", window, taps[i, j])
-    return y.reshape(b, h, w, c_out)
+    xp = x.reshape(b, hp, wp, groups, per_group_in)
+    taps = kernel.reshape(k, k, per_group_in, groups, c_out // groups)  # group-major output
+    y = _valid_grouped_conv(xp, taps)  # (B, H, W, G, co)
+    return y.reshape(b, hp - k + 1, wp - k + 1, c_out)
+
+
+@jax.custom_vjp
+def _matmul_last_axis(x: Array, w: Array) -> Array:
+    """(..., C_in) @ (C_in, C_out) -> (..., C_out)."""
+    return jnp.einsum("...c,cd->...d", x, w)
+
+
+def _matmul_last_axis_fwd(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _matmul_last_axis(x, w), (x, w)
+
+
+def _matmul_last_axis_bwd(res: tuple[Array, Array], grad: Array) -> tuple[Array, Array]:
+    """Both cotangents as row-major GEMMs over the flattened pixels.
+
+    Left to autodiff, XLA:CPU transposes the output gradient and runs the weight gradient off
+    its fast GEMM path (~5x slower than these two dots; benchmarks/NOTES.md).
+    """
+    x, w = res
+    x2, g2 = x.reshape(-1, w.shape[0]), grad.reshape(-1, w.shape[1])  # (N, C_in), (N, C_out)
+    d_w = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    d_x = jax.lax.dot_general(g2, w, (((1,), (1,)), ((), ())))  # (N, C_in)
+    return d_x.reshape(x.shape).astype(x.dtype), d_w.astype(w.dtype)
+
+
+_matmul_last_axis.defvjp(_matmul_last_axis_fwd, _matmul_last_axis_bwd)
+
+
+def pointwise_conv(x: Array, kernel: Array) -> Array:
+    """1x1 convolution as a matmul: (B, H, W, C_in), (1, 1, C_in, C_out) -> (B, H, W, C_out).
+
+    Identical to the 1x1 `conv_general_dilated`. Reverse-mode differentiable only.
+    """
+    return _matmul_last_axis(x, kernel[0, 0])
 
 
 class Conv2d(nn.Module):
@@ -104,7 +211,9 @@ class Conv2d(nn.Module):
         else:
             raise ValueError(f"Conv2d: unknown padding {self.padding!r}")
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if self.groups > 1 and jax.default_backend() == "cpu":
+        if k == 1 and self.groups == 1:
+            y = pointwise_conv(x, kernel)
+        elif self.groups > 1 and jax.default_backend() == "cpu":
             y = grouped_conv_by_taps(x, kernel, self.groups, padding)
         else:
             y = jax.lax.conv_general_dilated(
