@@ -63,6 +63,17 @@ def test_time_fn_counts_runs_and_orders_statistics():
     assert 0 < timing.min_s <= timing.median_s <= timing.max_s
 
 
+def test_slow_calls_get_fewer_repeats_but_never_below_the_minimum():
+    assert bench._repeats_within(20, None, 5.0) == 20  # no budget: all repeats
+    assert bench._repeats_within(20, 30.0, 0.5) == 20  # fast call: all 20 fit the budget
+    assert bench._repeats_within(20, 30.0, 3.0) == 10
+    assert bench._repeats_within(20, 30.0, 11.0) == bench.MIN_REPEATS
+    assert bench._repeats_within(20, 20.0, 11.0, min_repeats=3) == 3
+    assert bench._repeats_within(2, 20.0, 11.0, min_repeats=3) == 2  # never above `repeats`
+    assert bench.parse_settings(["--preset=cpu"])[0].min_repeats == 3
+    assert bench.parse_settings(["--preset=gpu"])[0].min_repeats == bench.MIN_REPEATS
+
+
 def test_compile_fn_reads_flops_and_memory():
     a = jnp.ones((64, 32), jnp.float32)
     b = jnp.ones((32, 16), jnp.float32)
@@ -109,6 +120,7 @@ def test_table_and_json(tmp_path):
         (["--dtypes=float16"], "float16"),
         (["--encode_batches=1,x"], "encode_batches"),
         (["--fuse_sizes=256"], "256"),
+        (["--min_repeats=0"], "min_repeats"),
     ],
 )
 def test_bad_flags_are_config_errors(argv, match):

@@ -95,11 +95,13 @@ def _summarise(times: Sequence[float]) -> Timing:
 MIN_REPEATS = 5
 
 
-def _repeats_within(repeats: int, budget_s: float | None, call_s: float) -> int:
-    """`repeats`, lowered (not below MIN_REPEATS) so that timing takes about `budget_s`."""
+def _repeats_within(
+    repeats: int, budget_s: float | None, call_s: float, min_repeats: int = MIN_REPEATS
+) -> int:
+    """`repeats`, lowered (not below `min_repeats`) so that timing takes about `budget_s`."""
     if not budget_s or call_s <= 0:
         return repeats
-    return max(min(repeats, MIN_REPEATS), min(repeats, int(budget_s / call_s)))
+    return max(min(repeats, min_repeats), min(repeats, int(budget_s / call_s)))
 
 
 def time_fn(
@@ -108,11 +110,12 @@ def time_fn(
     warmup: int = 2,
     repeats: int = 20,
     budget_s: float | None = None,
+    min_repeats: int = MIN_REPEATS,
 ) -> Timing:
     """Times `fn(*args)`, blocking on every output leaf so device work is included.
 
     `warmup` untimed calls first (first-call dispatch, autotuning, caches), then `repeats` timed;
-    with `budget_s`, slow calls get fewer repeats (at least MIN_REPEATS) to fit that budget.
+    with `budget_s`, slow calls get fewer repeats (at least `min_repeats`) to fit that budget.
     """
     call_s = 0.0
     for _ in range(warmup):
@@ -120,7 +123,7 @@ def time_fn(
         jax.block_until_ready(fn(*args))
         call_s = time.perf_counter() - start
     times = []
-    for _ in range(_repeats_within(repeats, budget_s, call_s)):
+    for _ in range(_repeats_within(repeats, budget_s, call_s, min_repeats)):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
@@ -134,6 +137,7 @@ def time_stateful(
     warmup: int = 2,
     repeats: int = 20,
     budget_s: float | None = None,
+    min_repeats: int = MIN_REPEATS,
 ) -> tuple[Timing, Any]:
     """Times `state = step(state)` (a train step with donated state); returns the last state.
 
@@ -145,7 +149,7 @@ def time_stateful(
         state = jax.block_until_ready(step(state))
         call_s = time.perf_counter() - start
     times = []
-    for _ in range(_repeats_within(repeats, budget_s, call_s)):
+    for _ in range(_repeats_within(repeats, budget_s, call_s, min_repeats)):
         start = time.perf_counter()
         state = jax.block_until_ready(step(state))
         times.append(time.perf_counter() - start)
@@ -159,6 +163,7 @@ def time_torch(
     warmup: int = 2,
     repeats: int = 20,
     budget_s: float | None = None,
+    min_repeats: int = MIN_REPEATS,
 ) -> Timing:
     """Times a PyTorch closure; `sync` waits for the device (a no-op on CPU). Repeats as in
     `time_fn`."""
@@ -169,7 +174,7 @@ def time_torch(
         sync()
         call_s = time.perf_counter() - start
     times = []
-    for _ in range(_repeats_within(repeats, budget_s, call_s)):
+    for _ in range(_repeats_within(repeats, budget_s, call_s, min_repeats)):
         start = time.perf_counter()
         fn()
         sync()
@@ -424,8 +429,9 @@ class Settings:
     warmup: int = 2
     repeats: int = 20  # batch-1 latency runs
     throughput_repeats: int = 5  # runs at batch > 1
-    # Seconds of timed runs per batch size; slower calls get fewer repeats (>= 5). 0 = no cap.
-    budget_s: float = 0.0
+    # Seconds of timed runs per batch size; slower calls get fewer repeats (>= min_repeats).
+    budget_s: float = 0.0  # 0 = no cap
+    min_repeats: int = MIN_REPEATS
     matmul_size: int = 2048  # CPU peak: achieved FLOP/s of this square matmul
 
 
@@ -434,7 +440,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "torch_compile": "off",  # inductor's compile of L-32 takes minutes on 2 cores
         "fuse_batches": (1,),
         "warmup": 1,
-        "budget_s": 30.0,
+        # The whole preset in under 10 minutes on 2 cores: a 256x256 L-32 train step takes
+        # ~11 s there, so slow calls are timed 3 times (fast ones still 20).
+        "budget_s": 20.0,
+        "min_repeats": 3,
     },
     "gpu": {
         "encode_batches": (1, 8, 64),
@@ -536,7 +545,12 @@ def measure_jax_row(
                     0
                 ]
                 timing, _ = time_stateful(
-                    step, args[0], warmup=settings.warmup, repeats=repeats, budget_s=budget
+                    step,
+                    args[0],
+                    warmup=settings.warmup,
+                    repeats=repeats,
+                    budget_s=budget,
+                    min_repeats=settings.min_repeats,
                 )
             else:
                 timing = time_fn(
@@ -545,6 +559,7 @@ def measure_jax_row(
                     warmup=settings.warmup,
                     repeats=repeats,
                     budget_s=budget,
+                    min_repeats=settings.min_repeats,
                 )
         except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch
             if i == 0:
@@ -692,6 +707,7 @@ def bench_torch_encode(variant: str, dtype: str, settings: Settings, peak: PeakF
                     warmup=settings.warmup if mode == "torch eager" else max(settings.warmup, 3),
                     repeats=repeats,
                     budget_s=settings.budget_s or None,
+                    min_repeats=settings.min_repeats,
                 )
                 if batch == 1:
                     row.latency_ms, row.latency_runs = 1e3 * timing.median_s, timing.runs
@@ -1007,6 +1023,7 @@ _OVERRIDES: dict[str, Callable[[str], Any]] = {
     "repeats": int,
     "throughput_repeats": int,
     "budget_s": float,
+    "min_repeats": int,
     "matmul_size": int,
 }
 
@@ -1049,8 +1066,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, argpars
     for dtype in (*dtypes, settings.train_dtype):
         if dtype not in DTYPE_NAMES:
             raise errors.ConfigError(f"unknown dtype {dtype!r}; expected one of {DTYPE_NAMES}")
-    if settings.repeats < 1 or settings.throughput_repeats < 1 or settings.warmup < 0:
-        raise errors.ConfigError("--repeats and --throughput_repeats must be >= 1, --warmup >= 0")
+    if min(settings.repeats, settings.throughput_repeats, settings.min_repeats) < 1:
+        raise errors.ConfigError("--repeats, --throughput_repeats and --min_repeats must be >= 1")
+    if settings.warmup < 0:
+        raise errors.ConfigError(f"--warmup={settings.warmup}: must be >= 0")
     return settings, args
 
 
