@@ -1,0 +1,176 @@
+"""Where a training step's time goes: op time from a `jax.profiler` trace, grouped by module.
+
+    python benchmarks/profile_train_step.py --size=128x128 --stage=1            # cached tokens
+    python benchmarks/profile_train_step.py --size=64x64 --stage=2 --tokenizer  # L-32 in the step
+
+Builds the same jitted `trainer.train_step` as `python -m tokfusion_jax.bench` (L-32 setting,
+random weights, batch 1), runs it once to compile, traces `--steps` steps, and reads the
+Perfetto trace that `jax.profiler` writes. Each executed HLO op is mapped back to the JAX
+source op through the compiled module's metadata (`op_name`), then summed:
+
+* by kind: GEMM (XLA:CPU's YNNPACK fusions, dots), dense convolution, grouped/depthwise tap
+  sums, while loops (their bodies are listed again inside), everything else (elementwise,
+  reductions, copies);
+* by module path (first `--depth` levels, forward vs backward, repeated blocks together),
+  largest first.
+
+Op times are summed over XLA's worker threads, so their total exceeds the step's wall time on a
+multi-core machine. Writes nothing outside `--trace_dir` (a temporary folder by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import glob
+import gzip
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokfusion_jax import bench, optim, trainer  # noqa: E402
+from tokfusion_jax.models.fusion import TokFusion  # noqa: E402
+
+_OP_NAME = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = .*?op_name=\"([^\"]+)\"")
+
+
+def build_step(size: tuple[int, int], stage: int, cached: bool, variant: str):
+    """(jitted step, its arguments) of the bench's train-step row at batch 1."""
+    cfg = bench.fusion_model_config(variant, "float32", tiny=variant == "tiny")
+    model = TokFusion(cfg)
+    optim_cfg, weights = bench._train_settings()
+    optimizer = optim.ModuleOptimizer(optim_cfg, 100)
+    ctx = trainer.StepContext(
+        model=model,
+        optimizer=optimizer,
+        loss_weights=weights,
+        stage=stage,
+        use_token_cache=cached,
+        use_tokens=True,
+    )
+    step = jax.jit(functools.partial(trainer.train_step, ctx=ctx))
+    height, width = size
+    params = trainer.stage_params(model, jax.random.key(0), stage, size)
+    state = trainer.new_state(params, optimizer)
+    batch = {
+        "vis": bench.random_images(1, height, width, 1, seed=1),  # (1, H, W, 1)
+        "ir": bench.random_images(1, height, width, 1, seed=2),
+    }
+    n, c = cfg.tokens.num_tokens, cfg.tokens.token_dim
+    for i, key in enumerate(("vis_tokens", "ir_tokens")):
+        z = jax.random.normal(jax.random.key(10 + i), (1, n, c))  # (1, N, C)
+        batch[key] = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+    frozen = None if cached else bench._tokenizer(variant)
+    return step, (state, frozen, batch, jax.random.key(1))
+
+
+def op_names(compiled_text: str) -> dict[str, str]:
+    """HLO instruction name -> the JAX op it came from (its `op_name` metadata)."""
+    names = {}
+    for line in compiled_text.splitlines():
+        match = _OP_NAME.match(line)
+        if match:
+            names.setdefault(match.group(1), match.group(2))
+    return names
+
+
+def trace_op_times(trace_dir: str) -> collections.Counter:
+    """Total duration (microseconds) of every traced event name in the newest Perfetto trace."""
+    files = sorted(glob.glob(f"{trace_dir}/**/*perfetto_trace.json.gz", recursive=True))
+    if not files:
+        raise SystemExit(f"no Perfetto trace was written under {trace_dir}")
+    with gzip.open(files[-1]) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    totals = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X":
+            totals[event["name"]] += event.get("dur", 0)
+    return totals
+
+
+def kind_of(hlo_name: str, op: str) -> str:
+    if hlo_name.startswith("while"):
+        return "while loops (bodies counted again below)"
+    if "conv_general_dilated" in op:
+        return "dense convolution"
+    if re.search(r"/(dwconv|qkv_dwconv|dw)(/|$)", op):
+        return "grouped/depthwise tap sums"
+    if hlo_name.startswith(("ynn_fusion", "dot")):
+        return "GEMM"
+    return "elementwise, reductions, copies"
+
+
+def module_of(op: str, depth: int) -> str:
+    """'transpose(jvp(Encoder))/level1_2/ffn/dwconv/...' -> 'bwd Encoder/level1_*/ffn/dwconv'.
+
+    Repeated blocks share one row (their index becomes `*`).
+    """
+    direction = "bwd" if "transpose(" in op else "fwd"
+    parts = re.sub(r"transpose\(|jvp\(|\)", "", op).split("/")
+    path = "/".join(re.sub(r"_\d+$", "_*", part) for part in parts[:depth])
+    return f"{direction} {path}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="128x128", help="HxW of the training crop")
+    parser.add_argument("--stage", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--tokenizer", action="store_true", help="tokenizer inside the step")
+    parser.add_argument("--variant", default="l32", help="tokenizer variant (l32, b64, s128)")
+    parser.add_argument("--steps", type=int, default=2, help="steps traced")
+    parser.add_argument("--top", type=int, default=30, help="module rows printed")
+    parser.add_argument("--depth", type=int, default=4, help="module path levels kept")
+    parser.add_argument("--trace_dir", default="", help="keep the trace here")
+    args = parser.parse_args(argv)
+    size = bench._sizes(args.size)[0]
+
+    step, step_args = build_step(size, args.stage, not args.tokenizer, args.variant)
+    names = op_names(step.lower(*step_args).compile().as_text())
+    jax.block_until_ready(step(*step_args))
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        jax.block_until_ready(step(*step_args))
+    wall_ms = 1e3 * (time.perf_counter() - start) / args.steps
+
+    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="tokfusion_trace_")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(args.steps):
+            jax.block_until_ready(step(*step_args))
+    totals = trace_op_times(trace_dir)
+
+    by_kind, by_module = collections.Counter(), collections.Counter()
+    for name, micros in totals.items():
+        op = names.get(name)
+        if op is None:  # runtime events (executor, thread pool, Python), not HLO ops
+            continue
+        op = re.sub(r"^jit\(train_step\)/", "", op)
+        ms = micros / 1e3 / args.steps
+        by_kind[kind_of(name, op)] += ms
+        if not name.startswith("while"):
+            by_module[module_of(op, args.depth)] += ms
+    op_total = sum(v for k, v in by_kind.items() if not k.startswith("while"))
+
+    where = "tokenizer inside" if args.tokenizer else "cached tokens"
+    print(f"train step stage {args.stage}, {args.size}, {where}, batch 1 on {jax.devices()[0]}")
+    print(f"wall {wall_ms:.0f} ms per step; op time {op_total:.0f} ms (summed over threads)\n")
+    print("| kind | ms | share |\n|---|---|---|")
+    for kind, ms in by_kind.most_common():
+        share = "" if kind.startswith("while") else f"{100 * ms / op_total:.0f} %"
+        print(f"| {kind} | {ms:.0f} | {share} |")
+    print("\n| module | ms | share |\n|---|---|---|")
+    for module, ms in by_module.most_common(args.top):
+        print(f"| {module} | {ms:.1f} | {100 * ms / op_total:.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
