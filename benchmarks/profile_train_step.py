@@ -118,6 +118,8 @@ def module_of(op: str, depth: int) -> str:
     direction = "bwd" if "transpose(" in op else "fwd"
     parts = re.sub(r"transpose\(|jvp\(|\)", "", op).split("/")
     path = "/".join(re.sub(r"_\d+$", "_*", part) for part in parts[:depth])
+    if path.startswith("/"):  # an op outside every flax module: losses, resizing, optimizer
+        path = "(no module)" + path
     return f"{direction} {path}"
 
 

@@ -175,3 +175,25 @@ def test_tiny_bench_end_to_end(tmp_path, capsys):
     assert len(payload["rows"]) == 3 and payload["environment"]["backend"] == "cpu"
     again, _ = bench.report_from_json([str(out)], bench.Settings(torch_variants=("tiny",)))
     assert [r.latency_ms for r in again] == [r.latency_ms for r in rows]
+
+
+def test_profile_train_step_script_reports_kinds_and_modules(capsys):
+    """benchmarks/profile_train_step.py on the tiny variant: a trace is read back and mapped."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "profile_train_step.py"
+    spec = importlib.util.spec_from_file_location("profile_train_step", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.module_of("transpose(jvp(Encoder))/level1_3/ffn/dwconv/x", 4) == (
+        "bwd Encoder/level1_*/ffn/dwconv"
+    )
+    assert script.module_of("jvp()/conv_general_dilated", 3).startswith("fwd (no module)")
+    script.main(["--variant=tiny", "--size=32x32", "--stage=1", "--steps=1", "--top=5"])
+    out = capsys.readouterr().out
+    assert "train step stage 1, 32x32, cached tokens" in out
+    op_ms = float(out.split("op time ")[1].split(" ms")[0])
+    assert op_ms > 0  # HLO ops were found in the trace and mapped back to JAX ops
+    assert "| GEMM |" in out and "| dense convolution |" in out
+    assert "Encoder/" in out  # module rows
