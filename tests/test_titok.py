@@ -290,8 +290,12 @@ def test_load_errors_name_the_file(tmp_path):
     record = json.loads(good)
     record["architecture"]["enc_depth"] = 3  # params on disk have depth 2
     meta.write_text(json.dumps(record))
-    with pytest.raises(CheckpointError, match="params"):
+    # Checked against orbax's metadata before any array is read: keys and shapes are named.
+    with pytest.raises(CheckpointError, match=r"params does not match the TiTok config") as err:
         titok.load(path)
+    message = str(err.value)
+    assert "['encoder']['transformer']['blocks']" in message and "expected (3, " in message
+    assert "\n" not in message and "more" in message  # one line, the list is capped
 
 
 def test_config_variants_and_validation():

@@ -711,8 +711,12 @@ def from_params(config: TiTokConfig, params: Any, sha256: str | None = None) -> 
     return Tokenizer(model=TiTok(config), params=params, config=config, sha256=sha)
 
 
+MAX_LISTED_PROBLEMS = 8  # a deeper or wider config mismatches hundreds of leaves
+
+
 def check_param_shapes(params: Any, expected: Any, where: str) -> None:
-    """Raises `CheckpointError` listing every missing, unexpected or mis-shaped leaf."""
+    """Raises `CheckpointError` listing the missing, unexpected or mis-shaped leaves (the first
+    `MAX_LISTED_PROBLEMS`, then how many more)."""
     got = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in _flat(params)}
     want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in _flat(expected)}
     problems = [f"missing {k} {want[k]}" for k in sorted(set(want) - set(got))]
@@ -723,7 +727,10 @@ def check_param_shapes(params: Any, expected: Any, where: str) -> None:
         if got[k] != want[k]
     ]
     if problems:
-        raise CheckpointError(f"{where} does not match the TiTok config: " + "; ".join(problems))
+        shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        tail = f"; ... and {more} more" if more > 0 else ""
+        raise CheckpointError(f"{where} does not match the TiTok config: {shown}{tail}")
 
 
 def _flat(tree: Any) -> list[tuple[Any, Any]]:
@@ -907,7 +914,12 @@ def load(path: str | os.PathLike, sharding: Any = None) -> Tokenizer:
         raise CheckpointError(f"{params_dir}: missing parameter directory")
     try:
         with ocp.StandardCheckpointer() as ckptr:
+            stored = _stored_array_metadata(ckptr, params_dir)
+            if stored is not None:  # name every wrong key before any array is read
+                check_param_shapes(stored, abstract, where=str(params_dir))
             params = ckptr.restore(params_dir, target)
+    except CheckpointError:
+        raise
     except Exception as e:  # orbax raises many types for a damaged directory
         msg = " ".join(str(e).split())[:300]
         raise CheckpointError(f"{params_dir}: cannot restore parameters ({msg})") from None
@@ -915,6 +927,21 @@ def load(path: str | os.PathLike, sharding: Any = None) -> Tokenizer:
     return Tokenizer(
         model=TiTok(config), params=params, config=config, sha256=record.get("params_sha256", "")
     )
+
+
+def _stored_array_metadata(ckptr: Any, params_dir: Path) -> Any | None:
+    """The tree of array metadata (each leaf has `.shape`) orbax recorded, or None if unreadable.
+
+    Checking it first turns a config/checkpoint mismatch into one error naming the keys, instead
+    of a failure in the middle of orbax's concurrent reads.
+    """
+    try:
+        meta = ckptr.metadata(params_dir)
+    except Exception:  # noqa: BLE001 - a damaged directory; `restore` reports it
+        return None
+    tree = getattr(meta, "item_metadata", meta)
+    leaves = jax.tree_util.tree_leaves(tree)
+    return tree if leaves and all(hasattr(leaf, "shape") for leaf in leaves) else None
 
 
 def _resolve_sharding(sharding: Any, abstract: Any) -> Any:
