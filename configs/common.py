@@ -14,6 +14,7 @@ import ml_collections
 from tokfusion_jax.data.config import data_config
 from tokfusion_jax.losses import loss_weights_config
 from tokfusion_jax.models.config import model_config
+from tokfusion_jax.optim import optim_config
 
 # Placeholder meaning "not set": the run refuses to start until it is given.
 UNSET = ""
@@ -53,16 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Adam per top-level module (CDDFuse builds one optimiser per module), each with its own
     # gradient clipping and StepLR schedule; the fusion layers' schedule starts at stage II.
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-4
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.0
-    c.optim.clip_norm = 0.01  # L2 norm per module (torch clip_grad_norm_); 0 = no clipping
-    c.optim.decay_every_epochs = 20
-    c.optim.decay_factor = 0.5
-    c.optim.min_lr = 1e-6
+    # Keys: lr, b1, b2, eps, weight_decay, clip_norm, decay_every_epochs, decay_factor, min_lr.
+    c.optim = optim_config()
 
     c.train = ml_collections.ConfigDict()
     c.train.stage1_epochs = 40  # reconstruction warm-up

@@ -18,10 +18,26 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 PyTree = Any
 ModuleStates = dict[str, optax.OptState]
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    """Returns the paper's optimiser settings (the ``config.optim`` section)."""
+    o = ml_collections.ConfigDict()
+    o.lr = 1e-4
+    o.b1 = 0.9
+    o.b2 = 0.999
+    o.eps = 1e-8
+    o.weight_decay = 0.0
+    o.clip_norm = 0.01  # L2 norm per module (torch clip_grad_norm_); 0 = no clipping
+    o.decay_every_epochs = 20  # StepLR step size
+    o.decay_factor = 0.5  # StepLR gamma
+    o.min_lr = 1e-6
+    return o
 
 
 def step_decay_schedule(
