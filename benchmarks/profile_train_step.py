@@ -3,8 +3,8 @@
     python benchmarks/profile_train_step.py --size=128x128 --stage=1            # cached tokens
     python benchmarks/profile_train_step.py --size=64x64 --stage=2 --tokenizer  # L-32 in the step
 
-Builds the same jitted `trainer.train_step` as `python -m tokfusion_jax.bench` (L-32 setting,
-random weights, batch 1), runs it once to compile, traces `--steps` steps, and reads the
+Compiles the same train step as `python -m tokfusion_jax.bench` (`bench.train_step_program`:
+L-32 setting, random weights, batch 1), times and traces `--steps` steps, and reads the
 Perfetto trace that `jax.profiler` writes. Each executed HLO op is mapped back to the JAX
 source op through the compiled module's metadata (`op_name`), then summed:
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import glob
 import gzip
 import json
@@ -33,44 +32,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokfusion_jax import bench, optim, trainer  # noqa: E402
-from tokfusion_jax.models.fusion import TokFusion  # noqa: E402
+from tokfusion_jax import bench  # noqa: E402
 
 _OP_NAME = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = .*?op_name=\"([^\"]+)\"")
-
-
-def build_step(size: tuple[int, int], stage: int, cached: bool, variant: str):
-    """(jitted step, its arguments) of the bench's train-step row at batch 1."""
-    cfg = bench.fusion_model_config(variant, "float32", tiny=variant == "tiny")
-    model = TokFusion(cfg)
-    optim_cfg, weights = bench._train_settings()
-    optimizer = optim.ModuleOptimizer(optim_cfg, 100)
-    ctx = trainer.StepContext(
-        model=model,
-        optimizer=optimizer,
-        loss_weights=weights,
-        stage=stage,
-        use_token_cache=cached,
-        use_tokens=True,
-    )
-    step = jax.jit(functools.partial(trainer.train_step, ctx=ctx))
-    height, width = size
-    params = trainer.stage_params(model, jax.random.key(0), stage, size)
-    state = trainer.new_state(params, optimizer)
-    batch = {
-        "vis": bench.random_images(1, height, width, 1, seed=1),  # (1, H, W, 1)
-        "ir": bench.random_images(1, height, width, 1, seed=2),
-    }
-    n, c = cfg.tokens.num_tokens, cfg.tokens.token_dim
-    for i, key in enumerate(("vis_tokens", "ir_tokens")):
-        z = jax.random.normal(jax.random.key(10 + i), (1, n, c))  # (1, N, C)
-        batch[key] = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
-    frozen = None if cached else bench._tokenizer(variant)
-    return step, (state, frozen, batch, jax.random.key(1))
 
 
 def op_names(compiled_text: str) -> dict[str, str]:
@@ -136,18 +103,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     size = bench._sizes(args.size)[0]
 
-    step, step_args = build_step(size, args.stage, not args.tokenizer, args.variant)
-    names = op_names(step.lower(*step_args).compile().as_text())
-    jax.block_until_ready(step(*step_args))
+    program = bench.train_step_program(
+        args.variant, "float32", args.variant == "tiny", args.stage, not args.tokenizer, size
+    )
+    state, *inputs = program.make_args(1)
+    step = program.jitted.lower(state, *inputs).compile()  # compiled once, run and inspected
+    names = op_names(step.as_text())
+
+    def run(state, steps: int):  # the state is donated: thread it through
+        for _ in range(steps):
+            state = jax.block_until_ready(step(state, *inputs)[0])
+        return state
+
+    state = run(state, 1)
     start = time.perf_counter()
-    for _ in range(args.steps):
-        jax.block_until_ready(step(*step_args))
+    state = run(state, args.steps)
     wall_ms = 1e3 * (time.perf_counter() - start) / args.steps
 
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="tokfusion_trace_")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(args.steps):
-            jax.block_until_ready(step(*step_args))
+        run(state, args.steps)
     totals = trace_op_times(trace_dir)
 
     by_kind, by_module = collections.Counter(), collections.Counter()

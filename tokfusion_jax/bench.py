@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -817,67 +817,41 @@ def bench_fuse(size: tuple[int, int], dtype: str, settings: Settings, peak: Peak
     )
 
 
-def _train_settings() -> tuple[Any, Any]:
-    """(optim section, loss weights) of the paper recipe in configs/common.py."""
-    from tokfusion_jax.losses import loss_weights_config
+class TrainStepProgram(NamedTuple):
+    """A jitted `trainer.train_step` (state donated) and a maker of its arguments."""
 
-    try:
-        from configs.common import base_config
-
-        optim_cfg = base_config().optim
-    except ImportError:  # installed without the repository's configs/: the same defaults
-        import ml_collections
-
-        optim_cfg = ml_collections.ConfigDict(
-            dict(
-                lr=1e-4,
-                b1=0.9,
-                b2=0.999,
-                eps=1e-8,
-                weight_decay=0.0,
-                clip_norm=0.01,
-                decay_every_epochs=20,
-                decay_factor=0.5,
-                min_lr=1e-6,
-            )
-        )
-    return optim_cfg, loss_weights_config().to_dict()
+    jitted: Any
+    # make_args(batch, frozen=tokenizer) -> (state, frozen, data, rng); fresh state each call.
+    make_args: Callable[..., tuple[Any, ...]]
+    params: Any  # the stage's initial trainable parameters
+    tokenizer: Any  # None with cached tokens
 
 
-def bench_train(stage: int, cached: bool, settings: Settings, peak: PeakFlops) -> Row:
-    """`trainer.train_step` of `stage` (donated state), tokens cached or from the tokenizer."""
+def train_step_program(
+    variant: str, dtype: str, tiny: bool, stage: int, cached: bool, size: tuple[int, int]
+) -> TrainStepProgram:
+    """The paper recipe's train step of `stage` on random (H, W) = `size` gray pairs, with the
+    tokens cached (random unit vectors) or computed by a random-weight tokenizer in the step."""
     from tokfusion_jax import optim, trainer
+    from tokfusion_jax.losses import loss_weights_config
     from tokfusion_jax.models.fusion import TokFusion
 
-    variant, dtype = settings.train_variant, settings.train_dtype
-    cfg = fusion_model_config(variant, dtype, settings.tiny)
+    cfg = fusion_model_config(variant, dtype, tiny)
     model = TokFusion(cfg)
-    optim_cfg, weights = _train_settings()
-    optimizer = optim.ModuleOptimizer(optim_cfg, 100)
+    optimizer = optim.ModuleOptimizer(optim.optim_config(), 100)
     ctx = trainer.StepContext(
         model=model,
         optimizer=optimizer,
-        loss_weights=weights,
+        loss_weights=loss_weights_config().to_dict(),
         stage=stage,
         use_token_cache=cached,
         use_tokens=True,
     )
     jitted = jax.jit(functools.partial(trainer.train_step, ctx=ctx), donate_argnums=(0,))
     tok = None if cached else _tokenizer(variant)
-    height, width = settings.train_size
+    height, width = size
     n, c = cfg.tokens.num_tokens, cfg.tokens.token_dim
-    params = trainer.stage_params(model, jax.random.key(0), stage, (height, width))
-    row = Row(
-        name=f"train stage {stage} {'cached' if cached else 'tokenizer'}",
-        dtype=dtype,
-        size=f"{height}x{width}",
-        trainable_params=count_params(params),
-        frozen_params=0 if tok is None else encoder_param_count(tok.params),
-        hand_gflops_per_item=None
-        if tok is None
-        else 2 * titok_config_encoder_flops(tok.config) / 1e9,
-        note="" if tok is None else "hand = the two tokenizer encodes only",
-    )
+    params = trainer.stage_params(model, jax.random.key(0), stage, size)
 
     def make_args(batch: int, frozen: Any = tok) -> tuple[Any, ...]:
         state = trainer.new_state(jax.tree_util.tree_map(jnp.copy, params), optimizer)
@@ -890,6 +864,28 @@ def bench_train(stage: int, cached: bool, settings: Settings, peak: PeakFlops) -
                 z = jax.random.normal(jax.random.key(10 + i), (batch, n, c))  # (B, N, C)
                 data[key] = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
         return state, frozen, data, jax.random.key(1)
+
+    return TrainStepProgram(jitted, make_args, params, tok)
+
+
+def bench_train(stage: int, cached: bool, settings: Settings, peak: PeakFlops) -> Row:
+    """`trainer.train_step` of `stage` (donated state), tokens cached or from the tokenizer."""
+    dtype = settings.train_dtype
+    jitted, make_args, params, tok = train_step_program(
+        settings.train_variant, dtype, settings.tiny, stage, cached, settings.train_size
+    )
+    height, width = settings.train_size
+    row = Row(
+        name=f"train stage {stage} {'cached' if cached else 'tokenizer'}",
+        dtype=dtype,
+        size=f"{height}x{width}",
+        trainable_params=count_params(params),
+        frozen_params=0 if tok is None else encoder_param_count(tok.params),
+        hand_gflops_per_item=None
+        if tok is None
+        else 2 * titok_config_encoder_flops(tok.config) / 1e9,
+        note="" if tok is None else "hand = the two tokenizer encodes only",
+    )
 
     def flops(batch: int) -> float | None:
         return lowered_flops(jitted, *make_args(batch, None if tok is None else unrolled(tok)))
