@@ -45,6 +45,9 @@ def test_mif_validates_on_its_training_folder_by_default():
     assert c.data.dataset == "harvard_spect"
     c.data.root = "some/folder"
     assert c.data.val_root == "some/folder"
+    # An override (sweeps, --set) keeps the link: the copy preserves field references.
+    out = configlib.apply_overrides(c, [("data.root", "other/folder")], "test")
+    assert out.data.val_root == "other/folder" and c.data.val_root == "some/folder"
 
 
 def test_unknown_variant_fails():
@@ -57,13 +60,7 @@ def _config(tmp_path, **overrides):
     (tmp_path / "vi").mkdir(exist_ok=True)
     (tmp_path / "ir").mkdir(exist_ok=True)
     c.data.root = str(tmp_path)
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return configlib.apply_overrides(c, overrides.items(), "test")
 
 
 def test_valid_tiny_config_passes(tmp_path):

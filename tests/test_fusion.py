@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokfusion_jax import losses
+from tokfusion_jax import configlib, losses
 from tokfusion_jax.errors import ConfigError
 from tokfusion_jax.models import config as model_config_lib
 from tokfusion_jax.models import fusion, interface, titok
@@ -46,13 +46,7 @@ def tiny_config(**overrides):
     cfg.enc_blocks = cfg.dec_blocks = cfg.detail_layers = 1
     cfg.tokens.num_tokens, cfg.tokens.input_size = N_TOKENS, 32
     cfg.ste.positions = (2, 5)
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return configlib.apply_overrides(cfg, overrides.items(), "test")
 
 
 def images(shape, seed):

@@ -84,13 +84,7 @@ def tiny_config(data, tok, **overrides):
     c.tokenizer.random_tiny = False
     c.data.root = str(data)
     c.train.checkpoint_every_steps = 2
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return configlib.apply_overrides(c, overrides.items(), "test")
 
 
 def cli_args(data, tok, workdir, **overrides):

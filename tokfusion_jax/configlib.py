@@ -1,10 +1,13 @@
-"""Loading Python config files by path (configs/*.py are files, not an importable package)."""
+"""Config helpers: loading Python config files by path (configs/*.py are files, not an
+importable package) and applying dotted-key overrides."""
 
 from __future__ import annotations
 
 import importlib.util
 import pathlib
+from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 import ml_collections
 
@@ -28,3 +31,30 @@ def load_config(path: str | pathlib.Path, arg: str | None = None) -> ml_collecti
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: a config file must define get_config(arg)")
     return module.get_config(arg)
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, Any]], where: str
+) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with dotted-key overrides; unknown keys fail naming them.
+
+    Field references survive the copy (e.g. MIF's ``data.val_root`` follows ``data.root``).
+    """
+    out = ml_collections.ConfigDict(config.to_dict(preserve_field_references=True))
+    for key, value in overrides:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise ConfigError(f"{where}: override {key!r}: no section {part!r} in the config")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"{where}: override {key!r}: unknown key {leaf!r}")
+        old = node[leaf]
+        if isinstance(old, tuple) and isinstance(value, list):
+            value = tuple(value)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ConfigError(f"{where}: override {key}={value!r}: {e}") from None
+    return out

@@ -44,6 +44,7 @@ from typing import Any
 import ml_collections
 
 from tokfusion_jax import configlib
+from tokfusion_jax.configlib import apply_overrides
 from tokfusion_jax.errors import ConfigError
 from tokfusion_jax.probe import write_bytes_atomic, write_json
 
@@ -144,30 +145,6 @@ def resolve(value: Any, sweep: ml_collections.ConfigDict, where: str) -> Any:
             raise ConfigError(f"{where}: {value} is not set (pass --sweep.{value[1:]}=...)")
         return node
     return value
-
-
-def apply_overrides(
-    config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, Any]], where: str
-) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with dotted-key overrides; unknown keys fail naming them."""
-    out = ml_collections.ConfigDict(config.to_dict())
-    for key, value in overrides:
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-                raise ConfigError(f"{where}: override {key!r}: no section {part!r} in the config")
-            node = node[part]
-        if leaf not in node:
-            raise ConfigError(f"{where}: override {key!r}: unknown key {leaf!r}")
-        old = node[leaf]
-        if isinstance(old, tuple) and isinstance(value, list):
-            value = tuple(value)
-        try:
-            node[leaf] = value
-        except TypeError as e:
-            raise ConfigError(f"{where}: override {key}={value!r}: {e}") from None
-    return out
 
 
 def parse_set(items: Sequence[str]) -> list[tuple[str, Any]]:
