@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from twin_helpers import max_err, random_params, t64
 
 from tokfusion_jax.models import backbone as bb
 
@@ -21,34 +22,8 @@ DIM, HEADS = 8, 2
 # ----------------------------------------------------------------------------- helpers
 
 
-def random_params(module, *args, seed: int = 0):
-    """Random float32 params for `module` (no jax RNG compile): every leaf is perturbed."""
-    rng = np.random.default_rng(seed)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
-
-    def fill(node):
-        out = {}
-        for key, child in node.items():
-            if isinstance(child, dict):
-                out[key] = fill(child)
-            elif key == "kernel" or (key == "bias" and "kernel" in node):
-                bound = 1.0 / math.sqrt(math.prod(node["kernel"].shape[:-1]))
-                out[key] = rng.uniform(-bound, bound, child.shape).astype(np.float32)
-            elif key == "bias":
-                out[key] = rng.uniform(-0.2, 0.2, child.shape).astype(np.float32)
-            else:  # LayerNorm weight, temperatures
-                out[key] = rng.uniform(0.6, 1.4, child.shape).astype(np.float32)
-        return out
-
-    return jax.tree_util.tree_map(jnp.asarray, fill(abstract))
-
-
 def rand(shape, seed=0, scale=1.0):
     return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
-
-
-def t64(x):
-    return torch.from_numpy(np.asarray(x, np.float64))
 
 
 def to_nchw(x):
@@ -156,10 +131,6 @@ def decoder(base, detail, residual, p, heads, blocks):
     if residual is not None:
         x = x + residual
     return torch.sigmoid(x)
-
-
-def max_err(a, b):
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 # ----------------------------------------------------------------------------- tests

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from twin_helpers import max_err, random_params, t64
 
 from tokfusion_jax.errors import ConfigError
 from tokfusion_jax.models import interface as itf
 
 TOL = 1e-5
-
-
-def t64(x):
-    return torch.from_numpy(np.asarray(x, np.float64))
-
-
-def max_err(a, b):
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 # ----------------------------------------------------------------------------- STE
@@ -105,25 +96,6 @@ def test_box_downsample_is_block_mean():
 
 
 # ----------------------------------------------------------------------------- token-to-map
-
-
-def random_params(module, *args, seed=0):
-    rng = np.random.default_rng(seed)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
-
-    def fill(node):
-        out = {}
-        for key, child in node.items():
-            if isinstance(child, dict):
-                out[key] = fill(child)
-            elif key in ("kernel", "bias"):
-                bound = 1.0 / math.sqrt(math.prod(node["kernel"].shape[:-1]))
-                out[key] = rng.uniform(-bound, bound, child.shape).astype(np.float32)
-            else:  # the refinement scale
-                out[key] = np.float32(0.7)
-        return out
-
-    return jax.tree_util.tree_map(jnp.asarray, fill(abstract))
 
 
 def conv(x, p):
