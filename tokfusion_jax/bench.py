@@ -104,15 +104,15 @@ def _repeats_within(
     return max(min(repeats, min_repeats), min(repeats, int(budget_s / call_s)))
 
 
-def time_fn(
-    fn: Callable[..., Any],
-    *args: Any,
+def time_calls(
+    call: Callable[[], Any],
+    *,
     warmup: int = 2,
     repeats: int = 20,
     budget_s: float | None = None,
     min_repeats: int = MIN_REPEATS,
 ) -> Timing:
-    """Times `fn(*args)`, blocking on every output leaf so device work is included.
+    """Times `call()`, which must return only once its work is done on the device.
 
     `warmup` untimed calls first (first-call dispatch, autotuning, caches), then `repeats` timed;
     with `budget_s`, slow calls get fewer repeats (at least `min_repeats`) to fit that budget.
@@ -120,66 +120,35 @@ def time_fn(
     call_s = 0.0
     for _ in range(warmup):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        call()
         call_s = time.perf_counter() - start
     times = []
     for _ in range(_repeats_within(repeats, budget_s, call_s, min_repeats)):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        call()
         times.append(time.perf_counter() - start)
     return _summarise(times)
 
 
-def time_stateful(
-    step: Callable[[Any], Any],
-    state: Any,
-    *,
-    warmup: int = 2,
-    repeats: int = 20,
-    budget_s: float | None = None,
-    min_repeats: int = MIN_REPEATS,
-) -> tuple[Timing, Any]:
-    """Times `state = step(state)` (a train step with donated state); returns the last state.
-
-    Repeats as in `time_fn`.
-    """
-    call_s = 0.0
-    for _ in range(warmup):
-        start = time.perf_counter()
-        state = jax.block_until_ready(step(state))
-        call_s = time.perf_counter() - start
-    times = []
-    for _ in range(_repeats_within(repeats, budget_s, call_s, min_repeats)):
-        start = time.perf_counter()
-        state = jax.block_until_ready(step(state))
-        times.append(time.perf_counter() - start)
-    return _summarise(times), state
+def time_fn(fn: Callable[..., Any], *args: Any, **timing: Any) -> Timing:
+    """Times `fn(*args)`, blocking on every output leaf so device work is included. `timing`:
+    the keyword arguments of `time_calls`."""
+    return time_calls(lambda: jax.block_until_ready(fn(*args)), **timing)
 
 
-def time_torch(
-    fn: Callable[[], Any],
-    sync: Callable[[], None],
-    *,
-    warmup: int = 2,
-    repeats: int = 20,
-    budget_s: float | None = None,
-    min_repeats: int = MIN_REPEATS,
-) -> Timing:
-    """Times a PyTorch closure; `sync` waits for the device (a no-op on CPU). Repeats as in
-    `time_fn`."""
-    call_s = 0.0
-    for _ in range(warmup):
-        start = time.perf_counter()
-        fn()
-        sync()
-        call_s = time.perf_counter() - start
-    times = []
-    for _ in range(_repeats_within(repeats, budget_s, call_s, min_repeats)):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return _summarise(times)
+def time_stateful(step: Callable[[Any], Any], state: Any, **timing: Any) -> tuple[Timing, Any]:
+    """Times `state = step(state)` (a train step with donated state); returns the last state."""
+    box = [state]
+
+    def call() -> None:
+        box[0] = jax.block_until_ready(step(box[0]))
+
+    return time_calls(call, **timing), box[0]
+
+
+def time_torch(fn: Callable[[], Any], sync: Callable[[], None], **timing: Any) -> Timing:
+    """Times a PyTorch closure; `sync` waits for the device (a no-op on CPU)."""
+    return time_calls(lambda: (fn(), sync()), **timing)
 
 
 @dataclasses.dataclass(frozen=True)
