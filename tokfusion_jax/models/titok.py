@@ -923,7 +923,8 @@ def load(path: str | os.PathLike, sharding: Any = None) -> Tokenizer:
     except Exception as e:  # orbax raises many types for a damaged directory
         msg = " ".join(str(e).split())[:300]
         raise CheckpointError(f"{params_dir}: cannot restore parameters ({msg})") from None
-    check_param_shapes(params, abstract, where=str(params_dir))
+    if stored is None:  # no metadata to check beforehand: check what was read
+        check_param_shapes(params, abstract, where=str(params_dir))
     return Tokenizer(
         model=TiTok(config), params=params, config=config, sha256=record.get("params_sha256", "")
     )
