@@ -75,6 +75,7 @@ __all__ = [
     "METRIC_NAMES",
     "PAPER_METRICS",
     "MetricInputError",
+    "check_names",
     "compute",
     "convention_metrics",
     "differentiable",
