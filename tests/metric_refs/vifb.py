@@ -12,6 +12,8 @@ import math
 import numpy as np
 from scipy import ndimage, signal
 
+from metric_refs.python_evaluators import fspecial_gaussian
+
 RGB2GRAY = np.linalg.inv(
     np.array([[1.0, 0.956, 0.621], [1.0, -0.272, -0.647], [1.0, -1.106, 1.703]])
 )[0]
@@ -139,18 +141,10 @@ def mutinf(vi, ir, f):
     return channel_loop(lambda a, b, x: _mutinf(a, x) + _mutinf(b, x), vi, ir, f.astype(np.float64))
 
 
-def _gauss2d(n, sigma):
-    half = (n - 1) / 2.0
-    y, x = np.mgrid[-half : half + 1, -half : half + 1]
-    h = np.exp(-(x * x + y * y) / (2 * sigma * sigma))
-    h[h < np.finfo(np.float64).eps * h.max()] = 0
-    return h / h.sum()
-
-
 def _ssim(a, f):
     a = gray_u8(a) if a.ndim == 3 else a
     a, f = a.astype(np.float64), f.astype(np.float64)
-    w = _gauss2d(11, 1.5)
+    w = fspecial_gaussian(11, 1.5)
     w = w / w.sum()
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
