@@ -9,7 +9,7 @@ returns::
     variants   (variant(...), ...)             name, row label, overrides of each variant
     eval       (dataset(...), ...)             evaluation sets; () = the base config's val set
     columns    ("EN", "SD", "SCD", "SSIM", ...)  metrics of the table
-    convention "ivif_zoo" | "cddfuse"           metric conventions (optional)
+    convention "ivif_zoo" | "cddfuse" | "vifb" | "tang"   metric conventions (optional)
     vars       ConfigDict                      free values that overrides reference as
                                                "@vars.key" (set them on the command line)
 
