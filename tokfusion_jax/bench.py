@@ -995,7 +995,7 @@ _OVERRIDES: dict[str, Callable[[str], Any]] = {
 
 def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     """Settings from a preset plus command-line overrides (raises ConfigError on bad values)."""
-    parser = argparse.ArgumentParser(
+    parser = errors.ArgumentParser(
         prog="python -m tokfusion_jax.bench", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--preset", default="cpu", help=f"one of {sorted(PRESETS)}")

@@ -56,10 +56,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from tokfusion_jax import fuse as fuselib
-from tokfusion_jax import metrics
+from tokfusion_jax import metrics, paths
 from tokfusion_jax.data import io as imio
 from tokfusion_jax.data import sources
-from tokfusion_jax.errors import DataError, TokFusionError, cli_main
+from tokfusion_jax.errors import ArgumentParser, DataError, TokFusionError, cli_main
 
 BASELINES = ("average", "max")
 METRIC_CHUNK = 16  # largest metric batch; batches are padded to powers of two up to this
@@ -307,12 +307,23 @@ def evaluate(
         color_from = source.color_from
         buffer = _MetricBuffer(names, convention)
         exports = [m for m in methods if m.kind == "export"]
+        if save_dir:  # saved fused images must not land in a folder this run reads
+            folders = [m for m in methods if m.kind == "folder"]
+            paths.check_roles(
+                inputs=[(f"dataset {spec.label}", d) for d in source.dirs]
+                + [(f"method {m.name}", m.folder_for(spec.label)) for m in folders],
+                outputs=[
+                    (f"fused images of {m.name}", os.path.join(save_dir, m.name, spec.label))
+                    for m in methods
+                    if m.kind != "folder"
+                ],
+            )
         sizes = []
         for rec in records:
             hv, hi = imio.image_size(rec["vis"]), imio.image_size(rec["ir"])
-            if hv != hi:
-                raise DataError(f"pair sizes differ: {rec['vis']} is {hv}, {rec['ir']} is {hi}")
-            sizes.append(hv)
+            sizes.append(
+                sources.check_pair_sizes(rec["vis"], rec["ir"], hv, hi, imio.MIN_IMAGE_SIZE)
+            )
         bar = tqdm(
             total=len(records), desc=f"evaluate {spec.label}", unit="pair", disable=not progress
         )
@@ -340,6 +351,7 @@ def evaluate(
                         m.fuse_fn,
                         np.stack([lp.vis_y for lp in loaded]),
                         np.stack([lp.ir_y for lp in loaded]),
+                        [f"{m.name} on {r['vis']} + {r['ir']}" for r in recs],
                     )
 
                     out_imgs = [fuselib.stretch_to_unit(yi) for yi in np.asarray(y)]
@@ -546,7 +558,7 @@ def _split(values: Iterable[str]) -> list[str]:
 
 
 def _table_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m tokfusion_jax.evaluate",
         description="Fusion metrics as a Table-1 style table.",
     )
@@ -571,7 +583,7 @@ def _table_parser() -> argparse.ArgumentParser:
 
 
 def _tokenizer_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m tokfusion_jax.evaluate tokenizer",
         description="Tokenizer reconstruction study (Table 11).",
     )
@@ -607,6 +619,8 @@ def run_table(argv: Sequence[str]) -> str:
     args = _table_parser().parse_args(list(argv))
     if args.batch_size < 1:
         raise TokFusionError(f"--batch_size={args.batch_size}: expected >= 1")
+    if args.out:
+        paths.check_output_folder(args.out, "--out")
     specs = parse_datasets(args.dataset, args.root)
     names = metric_names(args.metrics, args.convention)
     methods = [Method(b, "baseline") for b in _split([args.baselines])]
@@ -655,6 +669,8 @@ def run_table(argv: Sequence[str]) -> str:
 def run_tokenizer(argv: Sequence[str]) -> str:
     args = _tokenizer_parser().parse_args(list(argv))
     specs = parse_datasets(args.data, [])
+    if args.out:
+        paths.check_output_folder(args.out, "--out")
     rows, domains = tokenizer_study(
         args.tokenizer,
         specs,
