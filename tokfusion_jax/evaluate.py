@@ -15,8 +15,11 @@ harvard_pet, harvard_spect, bundle, manifest). A dataset may be labelled `LABEL:
 
 Metrics: `--metrics=EN,SD,...` or `all` (default: the paper's EN, SD, SCD, EI, SF, AG, SSIM), in
 `--convention=ivif_zoo` (default) or `cddfuse` (see `tokfusion_jax.metrics`). Sources are read as
-8-bit gray the way the convention's reference reads them (PIL 'L', or rounded BT.601 in float32);
-model outputs are min-max stretched and rounded to 8 bits, as the references save them.
+8-bit gray the way the convention's reference reads them (PIL 'L', or rounded BT.601 in float32).
+Exports fuse and finish as their source method does at test time (export.json): TokFusion
+exports and converted CDDFuse checkpoints (`python -m convert cddfuse`) are min-max stretched per
+image, as CDDFuse's test scripts do, then rounded to 8 bits; CDDFuse exports are also fed the
+luma rounded to 8 bits, as its OpenCV reader gives it.
 
 Output: the Markdown table on stdout (best per column in bold, second underlined when there are
 three or more methods); with `--out=DIR` also table.md, per_image.csv, results.json and, with
@@ -51,8 +54,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from tokfusion_jax import color, metrics
 from tokfusion_jax import fuse as fuselib
-from tokfusion_jax import metrics
 from tokfusion_jax.data import io as imio
 from tokfusion_jax.data import sources
 from tokfusion_jax.errors import DataError, TokFusionError, cli_main
@@ -84,9 +87,7 @@ def read_gray_u8(ref: imio.ImageRef, convention: str = "ivif_zoo") -> np.ndarray
             rgb = np.asarray(im.convert("RGB"), np.float32)
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{label}: not a readable image ({e})") from None
-    y = rgb[..., 0] * np.float32(0.299) + rgb[..., 1] * np.float32(0.587)
-    y = y + rgb[..., 2] * np.float32(0.114)
-    return np.clip(np.round(y), 0, 255).astype(np.uint8)
+    return color.gray_u8_opencv(rgb)
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ class Method:
     name: str
     kind: str  # "baseline" | "export" | "folder"
     path: str = ""
-    fuse_fn: fuselib.FuseFn | None = None
+    fuse_fn: fuselib.ExportFuser | None = None
 
     def folder_for(self, dataset: str) -> str:
         sub = os.path.join(self.path, dataset)
@@ -132,7 +133,7 @@ def parse_method(spec: str, tokenizer: str | None = None) -> Method:
         if not os.path.isdir(path):
             raise DataError(f"{path}: method {name!r} is neither an export nor a folder") from None
         return Method(name, "folder", path)
-    return Method(name, "export", path, fuselib.export_fuse_fn(path, tokenizer))
+    return Method(name, "export", path, fuselib.export_fuser(path, tokenizer))
 
 
 def find_fused_file(folder: str, stem: str) -> str:
@@ -247,6 +248,22 @@ class _MetricBuffer:
         return self.results
 
 
+class _DecodedPairs:
+    """The pairs of one batch, decoded on first use once per luma rounding (`fuse.load_pair`)."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], color_from: str, keep_color: bool):
+        self.records, self.color_from, self.keep_color = records, color_from, keep_color
+        self._by_rounding: dict[bool, list[fuselib.LoadedPair]] = {}
+
+    def get(self, round_luma: bool = False) -> list[fuselib.LoadedPair]:
+        if round_luma not in self._by_rounding:
+            self._by_rounding[round_luma] = [
+                fuselib.load_pair(r["vis"], r["ir"], self.color_from, self.keep_color, round_luma)
+                for r in self.records
+            ]
+        return self._by_rounding[round_luma]
+
+
 def evaluate(
     methods: Sequence[Method],
     datasets: Sequence[DatasetSpec],
@@ -270,7 +287,6 @@ def evaluate(
         records = list(source)[:limit] if limit else list(source)
         color_from = source.color_from
         buffer = _MetricBuffer(names, convention)
-        exports = [m for m in methods if m.kind == "export"]
         sizes = []
         for rec in records:
             hv, hi = imio.image_size(rec["vis"]), imio.image_size(rec["ir"])
@@ -284,11 +300,8 @@ def evaluate(
             recs = [records[i] for i in chunk]
             vis8 = [read_gray_u8(r["vis"], convention) for r in recs]
             ir8 = [read_gray_u8(r["ir"], convention) for r in recs]
-            loaded = None
-            if exports or (save_dir and keep_color):
-                loaded = [
-                    fuselib.load_pair(r["vis"], r["ir"], color_from, keep_color) for r in recs
-                ]
+            pairs = _DecodedPairs(recs, color_from, keep_color)
+            loaded = pairs.get() if (save_dir and keep_color) else None
             for m in methods:
                 if m.kind == "folder":
                     folder = m.folder_for(spec.label)
@@ -299,14 +312,15 @@ def evaluate(
                     fused8 = [baseline_fuse(m.name, v, i) for v, i in zip(vis8, ir8, strict=True)]
                     out_imgs = [f.astype(np.float32) / 255.0 for f in fused8]
                 else:
-                    assert loaded is not None and m.fuse_fn is not None
+                    assert m.fuse_fn is not None
+                    inputs = pairs.get(m.fuse_fn.round_luma)
                     y = fuselib.fuse_padded(
                         m.fuse_fn,
-                        np.stack([lp.vis_y for lp in loaded]),
-                        np.stack([lp.ir_y for lp in loaded]),
+                        np.stack([lp.vis_y for lp in inputs]),
+                        np.stack([lp.ir_y for lp in inputs]),
                     )
-
-                    out_imgs = [fuselib.stretch_to_unit(yi) for yi in np.asarray(y)]
+                    finish = fuselib.stretch_to_unit if m.fuse_fn.stretch else _clip01
+                    out_imgs = [finish(yi) for yi in np.asarray(y)]
                     fused8 = [fuselib.to_uint8(o) for o in out_imgs]
                 for r, f8, v8, i8 in zip(recs, fused8, vis8, ir8, strict=True):
                     buffer.add((m.name, r["name"]), f8, i8, v8)  # metrics: a = ir, b = vis
@@ -331,6 +345,10 @@ def evaluate(
                     }
                 )
     return rows
+
+
+def _clip01(y: np.ndarray) -> np.ndarray:
+    return np.clip(np.asarray(y, np.float32), 0.0, 1.0)
 
 
 def summarize(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
@@ -508,10 +526,20 @@ def _table_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tokfusion_jax.evaluate",
         description="Fusion metrics as a Table-1 style table.",
+        epilog="Exports are post-processed as their source method does at test time "
+        "(export.json): TokFusion exports and converted CDDFuse checkpoints are min-max stretched "
+        "per image, as CDDFuse's test scripts do; CDDFuse exports also read the luma rounded to "
+        "8 bits, like its OpenCV reader.",
     )
     p.add_argument("--dataset", action="append", default=[], help="PRESET or LABEL:PRESET")
     p.add_argument("--root", action="append", default=[], help="dataset folder, one per dataset")
-    p.add_argument("--method", action="append", default=[], help="NAME=WORKDIR_OR_FOLDER")
+    p.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        help="NAME=PATH: a training workdir, an export (e.g. from `python -m convert cddfuse`) "
+        "or a folder of fused images",
+    )
     p.add_argument("--baselines", default="average,max", help="comma list of average,max or ''")
     p.add_argument("--convention", default="ivif_zoo", choices=metrics.CONVENTIONS)
     p.add_argument("--metrics", default=",".join(metrics.PAPER_METRICS), help="comma list or all")

@@ -76,3 +76,22 @@ def model_config() -> ml_collections.ConfigDict:
     # same parameters and results, much less activation memory in training, more compute.
     c.remat = False
     return c
+
+
+def cddfuse_model_config(residual: str = "vis") -> ml_collections.ConfigDict:
+    """The plain 2D CDDFuse network: exactly the official net.py with its default sizes.
+
+    No tokens, no STE, no token-to-map interface; patch_embed on the image feeds one shared
+    encoder (dim 64, 8 heads, 4 + 4 Restormer blocks, 3 INN nodes; 1 in the DetailFuse layer),
+    1,188,272 parameters. ``residual`` is the image added inside the decoder's sigmoid at test
+    time: "vis" for CDDFuse's infrared-visible scripts (test_IVF.py, train.py), "sum" for its
+    IVF weights on medical pairs and "none" for its MIF weights (test_MIF.py).
+    """
+    if residual not in RESIDUAL_MODES:
+        raise ValueError(f"residual: expected one of {RESIDUAL_MODES}, got {residual!r}")
+    c = model_config()
+    c.use_tokens = False
+    c.use_ste = False
+    c.share_encoder = True
+    c.residual = residual
+    return c
