@@ -140,6 +140,19 @@ def test_cddfuse_configs_hold_train_py_values(name, arg):
         assert c.data.dataset == "harvard_spect"
 
 
+def test_cddfuse_differences_name_what_is_not_cddfuse():
+    from tokfusion_jax.models import fusion
+
+    assert fusion.cddfuse_differences(fusion.spec_from_config(load("ivif", "cddfuse").model)) == []
+    cfg = model_config()
+    cfg.use_tokens, cfg.heads, cfg.residual = False, 4, "none"
+    assert fusion.cddfuse_differences(fusion.spec_from_config(cfg)) == [
+        "model.heads=4 (CDDFuse: 8)"
+    ]
+    paper = fusion.cddfuse_differences(fusion.spec_from_config(model_config()))
+    assert paper == ["model.use_tokens=True (CDDFuse: False)"]
+
+
 def test_plain_2d_run_needs_no_tokenizer_and_exports_without_one(grid_data, tmp_path):
     """ivif:cddfuse shrunk: patches, both stages, no tokenizer anywhere, a loadable export."""
     c = load("ivif", "cddfuse")

@@ -30,8 +30,9 @@ def model_config() -> ml_collections.ConfigDict:
     # DetailNodes (INN layers) in the encoder's detail branch and in the stage-II DetailFuse layer.
     c.detail_layers = 3
     c.fuse_detail_layers = 1
-    # False: the no-token ablation = the plain 2D CDDFuse path (3x3 patch_embed conv on the
-    # image feeds the encoder; no STE, no token-to-map interface).
+    # False: the no-token ablation, the plain 2D path (3x3 patch_embed conv on the image feeds
+    # the encoder; no STE, no token-to-map interface). It is CDDFuse's network only with
+    # residual="vis" as well (cddfuse_model_config below); with "sum" its output differs.
     c.use_tokens = True
     # False: no Selective Token Editing (Z goes unedited into the token-to-map interface).
     c.use_ste = True
