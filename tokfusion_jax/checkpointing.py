@@ -186,7 +186,7 @@ def abstract_like(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
 
 
 def restore_params(source: str | pathlib.Path, abstract_params: PyTree | None = None) -> PyTree:
-    """Trainable parameters from another run (``--config.init_from``).
+    """Trainable parameters from another run (``--config.train.init_from``).
 
     ``source`` may be a run's workdir, its ``checkpoints`` directory, one step directory, or an
     inference export directory. Returns a dict of top-level modules (host arrays).
