@@ -32,7 +32,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from convert.checkpoint_io import TORCH_SUFFIXES, check_keys, file_sha256, read_state_dict
+from convert.checkpoint_io import (
+    TORCH_SUFFIXES,
+    check_finite,
+    check_keys,
+    file_sha256,
+    read_state_dict,
+)
 from tokfusion_jax import export
 from tokfusion_jax.errors import CheckpointError, ConfigError
 from tokfusion_jax.models.config import RESIDUAL_MODES, cddfuse_model_config
@@ -194,6 +200,8 @@ def check_checkpoint(shapes: Mapping[str, Shape], source: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ConversionResult:
+    """What `convert_cddfuse` wrote: the export folder, its task and residual, its size."""
+
     out: Path
     task: str
     residual: str
@@ -246,6 +254,7 @@ def convert_cddfuse(
     _check_out(out_path, path)
     state = normalize_keys(read_state_dict(path))
     check_checkpoint({k: tuple(v.shape) for k, v in state.items()}, str(path))
+    check_finite(state, str(path))
     params = torch_to_flax(state)
     del state
     config = export_config(residual)

@@ -7,6 +7,7 @@ Shared by every converter (``python -m convert titok|cddfuse``):
   flat ``{key: float32 array}``. Nested dicts of tensors (e.g. CDDFuse's four state_dicts) are
   flattened with ``.``, the layout a ``.safetensors`` file of the same weights has.
 * `check_keys`: one `CheckpointError` listing every missing, unexpected and mis-shaped key.
+* `check_finite`: a `CheckpointError` naming the tensors that hold NaN or Inf.
 * `file_sha256`, `fmt_shape`.
 
 Every failure is a `CheckpointError` naming the file: empty, truncated or corrupt, refused as
@@ -149,6 +150,17 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
         )
     items = tqdm(flat.items(), desc="reading", unit="tensor", disable=quiet(path.stat().st_size))
     return {str(k): v.detach().float().numpy() for k, v in items}
+
+
+def check_finite(state: Mapping[str, np.ndarray], source: str) -> None:
+    """Raises `CheckpointError` naming the tensors with NaN or Inf values (a diverged run)."""
+    bad = [k for k, v in state.items() if not np.isfinite(v).all()]
+    if bad:
+        more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise CheckpointError(
+            f"{source}: non-finite (NaN or Inf) values in {len(bad)} tensor(s): "
+            f"{', '.join(bad[:5])}{more}"
+        )
 
 
 def check_keys(shapes: Mapping[str, Shape], expected: Mapping[str, Shape], problem: str) -> None:

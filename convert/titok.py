@@ -25,7 +25,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from convert.checkpoint_io import check_keys, file_sha256, fmt_shape, read_state_dict
+from convert.checkpoint_io import (
+    check_finite,
+    check_keys,
+    file_sha256,
+    fmt_shape,
+    read_state_dict,
+)
 from tokfusion_jax.errors import CheckpointError, ConfigError
 from tokfusion_jax.models import titok
 from tokfusion_jax.models.titok import VIT_SIZES, TiTokConfig
@@ -609,6 +615,7 @@ def convert_titok(
         shapes, source=str(weights), heads=heads_t, config_json=config_json, variant=variant
     )
     check_state_dict(shapes, cfg, str(weights))
+    check_finite(state_dict, str(weights))
     params = torch_to_flax(state_dict, cfg)
     del state_dict
     tok = titok.from_params(cfg, params)

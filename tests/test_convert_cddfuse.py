@@ -242,6 +242,11 @@ def test_truncated_unsafe_and_foreign_files(tmp_path, capsys, files, release):
     torch.save({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.bias": torch.zeros(10)}, foreign)
     err = _cli_error(capsys, "--source", str(foreign), "--out", out)
     assert "not a CDDFuse checkpoint" in err and "conv1.weight" in err
+    diverged = {k: dict(v) for k, v in release.items()}
+    diverged["DIDF_Decoder"]["module.output.0.weight"] = torch.full((32, 64, 3, 3), float("nan"))
+    torch.save(diverged, tmp_path / "nan.pth")
+    err = _cli_error(capsys, "--source", str(tmp_path / "nan.pth"), "--out", out)
+    assert "non-finite (NaN or Inf) values in 1 tensor(s): DIDF_Decoder.module.output.0" in err
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     assert "empty file" in _cli_error(capsys, "--source", str(empty), "--out", out)
@@ -323,11 +328,12 @@ def colour_pairs(tmp_path_factory):
 
 def _official_test_path(twin, pair_root: Path, name: str) -> np.ndarray:
     """test_IVF.py on one pair: OpenCV-style rounded gray in, min-max stretch, x255, round."""
-    from tokfusion_jax import color
 
-    def read(slot):
+    def read(slot):  # image_read_cv2(mode='GRAY'): float32 BGR2GRAY (B first), then np.round
         rgb = np.asarray(Image.open(pair_root / slot / f"{name}.png").convert("RGB"), np.float32)
-        return color.gray_u8_opencv(rgb).astype(np.float32)[None] / 255.0
+        b, g, r = rgb[..., 2], rgb[..., 1], rgb[..., 0]
+        gray = np.round(b * np.float32(0.114) + g * np.float32(0.587) + r * np.float32(0.299))
+        return gray.astype(np.float32)[None] / np.float32(255.0)
 
     fused = _twin_fuse(twin, read("vis"), read("ir"), "vis")[0]
     return np.round(ct.minmax_stretch(torch.from_numpy(fused)).numpy() * 255.0)

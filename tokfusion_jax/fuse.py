@@ -107,10 +107,9 @@ def load_pair(
 
 def _rounded_luma(image: np.ndarray) -> np.ndarray:
     """(H, W) or (H, W, 3) floats in [0, 1] -> 8-bit luma / 255 (H, W) float32."""
-    levels = np.round(np.asarray(image, np.float32) * 255.0)
-    if levels.ndim == 2:
-        levels = np.repeat(levels[..., None], 3, axis=-1)
-    return color.gray_u8_opencv(levels).astype(np.float32) / np.float32(255.0)
+    levels = np.round(np.asarray(image, np.float32) * 255.0)  # the 8-bit values of the file
+    gray = levels if levels.ndim == 2 else color.gray_u8_opencv(levels).astype(np.float32)
+    return gray / np.float32(255.0)
 
 
 def group_same_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
