@@ -13,7 +13,7 @@ import ml_collections
 
 from tokfusion_jax.data.config import data_config
 from tokfusion_jax.losses import loss_weights_config
-from tokfusion_jax.models.config import model_config
+from tokfusion_jax.models.config import cddfuse_model_config, model_config
 from tokfusion_jax.optim import optim_config
 
 # Placeholder meaning "not set": the run refuses to start until it is given.
@@ -74,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.demo_report = False
     # Testing aid: make the loss NaN from this step on (-1 = never).
     c.train.debug_nan_step = -1
+    # Start a new run from other weights: a run's workdir, checkpoints/ or export/, or an export
+    # of CDDFuse's published weights (python -m convert cddfuse). Whatever has a counterpart in
+    # this model is taken (bit for bit), the rest stays freshly initialised; the run logs which.
+    c.train.init_from = UNSET
 
     # Device mesh: data x fsdp must equal the device count; -1 = all remaining devices. fsdp > 1
     # splits the frozen tokenizer's parameters (only used when tokens are not cached).
@@ -81,9 +85,35 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
 
-    # Start a new run from another run's weights (its workdir, checkpoints/ or export/).
+    # Older name of train.init_from, still accepted (set one of the two).
     c.init_from = UNSET
     return c
+
+
+def apply_cddfuse_recipe(c: ml_collections.ConfigDict) -> None:
+    """CDDFuse's own training recipe, in place: the baseline row (0 slots) of the ablations.
+
+    From its train.py and dataprocessing.py: the plain 2D network (no tokens, no STE; 1,188,272
+    parameters) with the visible image as the decoder's residual; 128 x 128 patches of the
+    native-size pairs on a stride-200 grid, minus low-contrast ones, batch 8, shuffled, no
+    augmentation; 40 reconstruction + 80 fusion epochs; one Adam (lr 1e-4) per module, each
+    clipped to norm 0.01, StepLR 20 epochs / 0.5 (the fuse layers' from stage II); its loss
+    weights, without the paper's lambda_r term; float32 (it trains without mixed precision).
+    """
+    c.model = cddfuse_model_config("vis")
+    c.model.dtype = "float32"
+    c.data.patch_size = 128
+    c.data.patch_stride = 200
+    c.data.patch_min_contrast = 0.1
+    c.data.batch_size = 8
+    c.data.shuffle = True
+    c.data.crop_size = 0
+    c.data.flip = False
+    c.train.stage1_epochs = 40
+    c.train.stage2_epochs = 80
+    c.optim = optim_config()
+    c.loss = loss_weights_config()
+    c.loss.rec = 0.0  # CDDFuse computes the fused SSIM + MSE terms but never adds them
 
 
 def shrink_to_tiny(c: ml_collections.ConfigDict, image_size: int = 32) -> None:

@@ -11,6 +11,12 @@ Variants by argument:
 * ``configs/ivif.py:demo`` -- the sample pairs shipped in the package and a tiny tokenizer with
   RANDOM weights created on the fly; both stages in a few minutes on a CPU (``make demo``).
 * ``configs/ivif.py:tiny`` -- the real setting shrunk to a seconds-scale model (smoke tests).
+* ``configs/ivif.py:cddfuse`` -- CDDFuse's own recipe (`common.apply_cddfuse_recipe`): the
+  plain 2D network trained on 128 x 128 grid patches of MSRS exactly as its train.py does, the
+  baseline row of the ablation table. It needs no tokenizer::
+
+      python -m tokfusion_jax.train --config=configs/ivif.py:cddfuse --workdir=runs/cddfuse \
+          --config.data.root=data/msrs/train --config.data.val_root=data/roadscene/val
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ def _common():
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg``: None/"" (the paper's run), "demo" or "tiny"."""
+    """``arg``: None/"" (the paper's run), "demo", "tiny" or "cddfuse"."""
     common = _common()
     c = common.base_config()
     c.data.dataset = "msrs"
@@ -41,6 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return c
     if arg == "tiny":
         common.shrink_to_tiny(c)
+        return c
+    if arg == "cddfuse":
+        common.apply_cddfuse_recipe(c)
         return c
     if arg == "demo":
         common.shrink_to_tiny(c, image_size=64)
@@ -64,4 +73,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.async_checkpoints = True
         c.train.demo_report = True  # fuse the samples and print the metrics table at the end
         return c
-    raise ValueError(f"configs/ivif.py: unknown variant {arg!r} (expected '', 'demo' or 'tiny')")
+    raise ValueError(
+        f"configs/ivif.py: unknown variant {arg!r} (expected '', 'demo', 'tiny' or 'cddfuse')"
+    )

@@ -6,7 +6,15 @@ Run (from the repository root)::
         --config.tokenizer.path=checkpoints/titok_l32 --config.data.root=data/harvard_mri_ct/test
 
 Variants by argument: ``configs/mif.py:ct`` (default), ``:pet``, ``:spect`` pick the Harvard
-subset (train and test on the same subset, as the paper does); ``:tiny`` shrinks the model.
+subset (train and test on the same subset, as the paper does); ``:tiny`` shrinks the model;
+``:cddfuse`` (or ``:cddfuse_pet``, ``:cddfuse_spect``) is CDDFuse's train.py recipe on that
+subset (`common.apply_cddfuse_recipe`, residual = the MRI image), the baseline row.
+
+CDDFuse publishes no medical training script: its test_MIF.py runs CDDFuse_MIF.pth with no
+decoder residual and CDDFuse_IVF.pth with MRI + CT/PET/SPECT (``python -m convert cddfuse --task
+mif [--residual sum]`` reproduces either). Its 128-pixel grid with stride 200 cuts one patch (the
+top-left corner) from each 256 x 256 scan; ``--config.data.patch_stride=128`` covers a scan with
+four.
 """
 
 from __future__ import annotations
@@ -26,13 +34,17 @@ def _common():
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg``: "ct" (default), "pet", "spect" or "tiny"."""
+    """``arg``: "ct" (default), "pet", "spect", "tiny", or "cddfuse[_pet|_spect]"."""
     common = _common()
     c = common.base_config()
+    cddfuse = bool(arg) and arg.startswith("cddfuse")
+    if cddfuse:
+        arg = arg.removeprefix("cddfuse").removeprefix("_") or "ct"
     subset = "ct" if arg in (None, "", "tiny") else arg
     if subset not in _SUBSETS:
         raise ValueError(
-            f"configs/mif.py: unknown variant {arg!r} (expected 'ct', 'pet', 'spect' or 'tiny')"
+            f"configs/mif.py: unknown variant {arg!r} (expected 'ct', 'pet', 'spect', 'tiny' or "
+            "'cddfuse[_pet|_spect]')"
         )
     c.data.dataset = _SUBSETS[subset]
     c.data.root = common.UNSET  # e.g. data/harvard_mri_ct/test
@@ -43,4 +55,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.residual = "sum"
     if arg == "tiny":
         common.shrink_to_tiny(c)
+    if cddfuse:
+        common.apply_cddfuse_recipe(c)
     return c

@@ -1,1 +1,1 @@
-"""PyTorch -> Flax weight conversion and the PyTorch TiTok reference."""
+"""PyTorch -> Flax weight conversion (TiTok, CDDFuse) and PyTorch twins of the originals."""

@@ -2,6 +2,7 @@
 
 python -m convert titok --source yucornetto/tokenizer_titok_l32_imagenet --out ckpt/titok_l32
 python -m convert titok --source model.safetensors --out ckpt/titok_l32 --variant l32
+python -m convert cddfuse --source CDDFuse_IVF.pth --out exports/cddfuse_ivf [--task ivif|mif]
 """
 
 from __future__ import annotations
@@ -26,6 +27,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="official config.json (default: the one beside SRC, if any)")
     t.add_argument("--variant", help="official variant name, e.g. l32, b64, s128, bl64_vq8k")
     t.add_argument("--heads", help="attention heads: N, or ENC,DEC")
+    c = sub.add_parser(
+        "cddfuse",
+        help="CDDFuse release checkpoint -> inference export of the plain-2D model",
+        description="Converts CDDFuse_IVF.pth / CDDFuse_MIF.pth (or a .safetensors of the same "
+        "keys) into an export for `fuse --workdir=DIR` and `evaluate --method=NAME=DIR`. The "
+        "export records CDDFuse's test-time convention: rounded 8-bit gray input, min-max "
+        "stretched output.",
+    )
+    c.add_argument("--source", required=True, help="the release .pth, or a .safetensors file")
+    c.add_argument("--out", required=True, help="output export directory (written atomically)")
+    c.add_argument(
+        "--task",
+        default="ivif",
+        help="ivif (default): decoder residual = the visible image, as test_IVF.py; mif: no "
+        "residual, as test_MIF.py with CDDFuse_MIF.pth",
+    )
+    c.add_argument(
+        "--residual",
+        default=None,
+        help="override the task's residual: vis, sum (test_MIF.py with CDDFuse_IVF.pth) or none",
+    )
     return parser
 
 
@@ -39,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         convert_titok(
             args.source, args.out, config_path=args.config, variant=args.variant, heads=args.heads
         )
+    elif args.model == "cddfuse":
+        from convert.cddfuse import convert_cddfuse
+
+        convert_cddfuse(args.source, args.out, task=args.task, residual=args.residual)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -25,15 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
-from tqdm import tqdm
 
+from convert.checkpoint_io import (
+    check_finite,
+    check_keys,
+    file_sha256,
+    fmt_shape,
+    read_state_dict,
+)
 from tokfusion_jax.errors import CheckpointError, ConfigError
 from tokfusion_jax.models import titok
 from tokfusion_jax.models.titok import VIT_SIZES, TiTokConfig
 
 Shape = tuple[int, ...]
-PROGRESS_BYTES = 64 << 20  # show progress bars for files larger than this
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WIDTH_TO_HEADS = {w: h for w, _, h in VIT_SIZES.values()}
 
@@ -224,26 +227,11 @@ def expected_torch_shapes(cfg: TiTokConfig) -> dict[str, Shape]:
 
 def check_state_dict(shapes: Mapping[str, Shape], cfg: TiTokConfig, source: str) -> None:
     """Raises one `CheckpointError` listing every missing, unexpected and mis-shaped key."""
-    expected = expected_torch_shapes(cfg)
-    missing = [f"{k} {_fmt(expected[k])}" for k in expected if k not in shapes]
-    unexpected = [f"{k} {_fmt(shapes[k])}" for k in shapes if k not in expected]
-    wrong = [
-        f"{k} expected {_fmt(expected[k])} found {_fmt(shapes[k])}"
-        for k in expected
-        if k in shapes and tuple(shapes[k]) != expected[k]
-    ]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-        if items:
-            parts.append(f"{len(items)} {label}: " + ", ".join(items))
-    if parts:
-        raise CheckpointError(
-            f"{source} does not match the TiTok architecture {describe(cfg)}; " + "; ".join(parts)
-        )
-
-
-def _fmt(shape: Shape) -> str:
-    return "(" + ", ".join(str(int(d)) for d in shape) + ")"
+    check_keys(
+        shapes,
+        expected_torch_shapes(cfg),
+        f"{source} does not match the TiTok architecture {describe(cfg)}",
+    )
 
 
 def torch_to_flax(
@@ -453,7 +441,7 @@ def infer_config(
 def _shape(shapes: Mapping[str, Shape], key: str, ndim: int, source: str) -> Shape:
     shape = tuple(int(d) for d in shapes[key])
     if len(shape) != ndim:
-        raise CheckpointError(f"{source}: {key} has shape {_fmt(shape)}, expected {ndim} dims")
+        raise CheckpointError(f"{source}: {key} has shape {fmt_shape(shape)}, expected {ndim} dims")
     return shape
 
 
@@ -590,111 +578,6 @@ def _unreachable(constants: Any) -> str:
     return ""
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, with a progress bar for large ones."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    with (
-        path.open("rb") as f,
-        tqdm(total=size, unit="B", unit_scale=True, desc="sha256", disable=_quiet(size)) as bar,
-    ):
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
-
-
-def _quiet(size: int) -> bool | None:
-    return True if size < PROGRESS_BYTES else None  # None: tqdm hides itself off a terminal
-
-
-def read_state_dict(path: Path) -> dict[str, np.ndarray]:
-    """Loads a ``.safetensors`` (no torch) or ``.bin`` (``torch.load(weights_only=True)``)."""
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file")
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    if path.suffix in (".bin", ".pt", ".pth"):
-        return _read_torch(path)
-    raise CheckpointError(
-        f"{path}: unsupported file type {path.suffix!r} (use .safetensors or .bin)"
-    )
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="np") as f:
-            keys = list(f.keys())
-            bar = tqdm(keys, desc="reading", unit="tensor", disable=_quiet(path.stat().st_size))
-            return {k: np.asarray(f.get_tensor(k), np.float32) for k in bar}
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        msg = " ".join(str(e).split())[:200]
-        raise CheckpointError(
-            f"{path}: cannot read safetensors file, truncated or corrupt ({msg})"
-        ) from None
-
-
-def _reason(e: BaseException, limit: int = 400) -> str:
-    """An exception's message on one line, without terminal colours, cut at a sentence end."""
-    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
-    if len(text) <= limit:
-        return text
-    end = text.rfind(". ", 0, limit)
-    return text[: end + 1] if end > 0 else text[:limit] + " ..."
-
-
-def _unsafe_pickle_error(path: Path, e: BaseException) -> CheckpointError:
-    """The error for a pickle that ``weights_only`` loading refused (it would run code)."""
-    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
-    found = re.search(r"(Unsupported global: GLOBAL \S+|unsupported GLOBAL \S+)", text)
-    what = f" ({found.group(1)})" if found else ""
-    return CheckpointError(
-        f"{path}: refused as unsafe, the pickle holds Python objects beyond tensors{what} and "
-        "loading them could run arbitrary code; torch.load(weights_only=True) loads tensors "
-        "only. If you trust the file, re-save its tensors in an isolated environment, e.g. "
-        "safetensors.torch.save_file(torch.load(FILE, weights_only=False), 'model.safetensors'), "
-        "and convert the .safetensors file"
-    )
-
-
-def _read_torch(path: Path) -> dict[str, np.ndarray]:
-    import pickle
-    import zipfile
-
-    import torch
-
-    try:  # memory-mapped for the zip format (torch >= 1.6); the legacy format cannot be mapped
-        obj = torch.load(
-            str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-        )
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # weights_only refused to import a class or function
-            raise _unsafe_pickle_error(path, e) from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(e), re.S)
-        reason = f"weights-only unpickler: {' '.join(detail.group(1).split())}" if detail else ""
-        raise CheckpointError(
-            f"{path}: cannot read torch file, truncated or corrupt ({reason or _reason(e)})"
-        ) from None
-    except Exception as e:  # zip/pickle errors of many kinds
-        raise CheckpointError(
-            f"{path}: cannot read torch file, truncated or corrupt ({_reason(e)})"
-        ) from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict) and len(obj) <= 3:
-            obj = obj[wrapper]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict")
-    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise CheckpointError(
-            f"{path}: entries that are not tensors: {', '.join(map(str, not_tensors[:5]))}"
-        )
-    items = tqdm(obj.items(), desc="reading", unit="tensor", disable=_quiet(path.stat().st_size))
-    return {str(k): v.detach().float().numpy() for k, v in items}
-
-
 # --------------------------------------------------------------------------------------------
 # The whole conversion
 # --------------------------------------------------------------------------------------------
@@ -732,6 +615,7 @@ def convert_titok(
         shapes, source=str(weights), heads=heads_t, config_json=config_json, variant=variant
     )
     check_state_dict(shapes, cfg, str(weights))
+    check_finite(state_dict, str(weights))
     params = torch_to_flax(state_dict, cfg)
     del state_dict
     tok = titok.from_params(cfg, params)

@@ -99,7 +99,7 @@ def test_a_non_finite_model_output_is_never_written(tmp_path, pairs):
         fuse.fuse_pairs(nan_model, plan, progress=False)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
     # evaluate: an export method whose output is NaN is neither scored nor saved
-    method = evaluate.Method("nan", "export", str(tmp_path), nan_model)
+    method = evaluate.Method("nan", "export", str(tmp_path), fuse.ExportFuser(nan_model))
     spec = evaluate.DatasetSpec("d", "bundle", str(vis.parent))
     with pytest.raises(NonFiniteError, match="nan on"):
         evaluate.evaluate([method], [spec], save_dir=str(tmp_path / "saved"), progress=False)

@@ -23,6 +23,7 @@ from tokfusion_jax.models.titok import TiTokConfig
 torch = pytest.importorskip("torch")
 from safetensors.numpy import save_file  # noqa: E402
 
+from convert import checkpoint_io  # noqa: E402
 from convert import titok as conv  # noqa: E402
 from convert.__main__ import main  # noqa: E402
 from convert.titok_torch import TiTokTorch, init_random_  # noqa: E402
@@ -289,7 +290,7 @@ def test_cli_torch_messages_end_at_a_sentence(tmp_path, capsys):
     reason = err[err.index("(") + 1 : err.rindex(")")]
     assert reason and (len(reason) < 400 or reason.endswith("."))
     long = RuntimeError("First sentence is fine. " + "Second one is very long " * 30 + "end.")
-    cut = conv._reason(long, limit=100)
+    cut = checkpoint_io.reason(long, limit=100)
     assert cut == "First sentence is fine."
 
 

@@ -361,6 +361,8 @@ def test_summary_cli(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "1,188,272" in out.stdout and "interface" not in out.stdout
+    # use_tokens=False alone keeps the paper's residual "sum": not CDDFuse's IVF test path.
+    assert "its infrared-visible path adds the visible image only" in out.stdout
     bad = subprocess.run(
         [
             sys.executable,

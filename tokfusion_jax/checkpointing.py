@@ -15,6 +15,7 @@ state is finite before it calls `CheckpointManager.save`; this module never writ
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import pathlib
@@ -185,7 +186,7 @@ def abstract_like(tree: PyTree, shardings: PyTree | None = None) -> PyTree:
 
 
 def restore_params(source: str | pathlib.Path, abstract_params: PyTree | None = None) -> PyTree:
-    """Trainable parameters from another run (``--config.init_from``).
+    """Trainable parameters from another run (``--config.train.init_from``).
 
     ``source`` may be a run's workdir, its ``checkpoints`` directory, one step directory, or an
     inference export directory. Returns a dict of top-level modules (host arrays).
@@ -225,3 +226,120 @@ def _restore_plain(directory: pathlib.Path) -> PyTree:
         except (ValueError, FileNotFoundError) as e:
             raise CheckpointError(f"cannot read parameters from {directory}: {e}") from None
     return jax.tree_util.tree_map(jax.device_get, restored)
+
+
+# ----------------------------------------------------------------------------------------------
+# Taking parameters from another model (init_from)
+# ----------------------------------------------------------------------------------------------
+
+KeyPath = tuple[str, ...]
+
+
+def _flatten(tree: Mapping[str, Any], prefix: KeyPath = ()) -> dict[KeyPath, Any]:
+    out: dict[KeyPath, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, (*prefix, str(key))))
+        else:
+            out[(*prefix, str(key))] = value
+    return out
+
+
+def _unflatten(flat: Mapping[KeyPath, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        node = out
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def _size(leaf: Any) -> int:
+    return int(np.prod(np.shape(leaf), dtype=np.int64))
+
+
+def covering_subtrees(paths: set[KeyPath], tree: Mapping[KeyPath, Any]) -> list[KeyPath]:
+    """The shallowest subtrees of ``tree`` (flat) whose leaves all lie in ``paths``."""
+    out: list[KeyPath] = []
+    for path in sorted(paths):
+        if any(path[: len(p)] == p for p in out):
+            continue
+        cover = path
+        for depth in range(1, len(path)):
+            prefix = path[:depth]
+            if all(q in paths for q in tree if q[:depth] == prefix):
+                cover = prefix
+                break
+        out.append(cover)
+    return out
+
+
+@dataclasses.dataclass
+class MergeReport:
+    """What `merge_params` took, left alone and could not use (paths joined with '/')."""
+
+    taken: dict[str, tuple[int, int]]  # top-level module -> (parameters taken, in the module)
+    fresh: dict[str, int]  # subtrees of the target with no counterpart -> parameter count
+    unused: dict[str, int]  # subtrees of the source with no counterpart -> parameter count
+
+    def lines(self) -> list[str]:
+        """Human-readable lines, one per kind (empty kinds omitted)."""
+
+        def fmt(items: Mapping[str, Any]) -> str:
+            return ", ".join(f"{k} ({v:,})" for k, v in items.items())
+
+        taken = {
+            k: (f"{n:,} of {total:,}" if n != total else f"all {n:,}")
+            for k, (n, total) in self.taken.items()
+        }
+        out = ["taken:  " + ", ".join(f"{k} ({v})" for k, v in taken.items())] if taken else []
+        if self.fresh:
+            out.append("fresh:  " + fmt(self.fresh))
+        if self.unused:
+            out.append("unused: " + fmt(self.unused) + " (no counterpart in this model)")
+        return out
+
+
+def merge_params(target: Mapping[str, Any], source: Mapping[str, Any]) -> tuple[dict, MergeReport]:
+    """``target`` with every leaf that ``source`` has at the same path copied in, bit for bit.
+
+    Leaves of ``target`` that ``source`` lacks stay as they are ("fresh"); leaves of ``source``
+    without a counterpart are ignored ("unused"). A leaf present in both with different shapes
+    is a `CheckpointError` (the architectures differ). Only top-level modules of ``target`` are
+    considered.
+    """
+    flat_t, flat_s = _flatten(target), _flatten(source)
+    wrong = [
+        f"{'/'.join(p)} {tuple(np.shape(flat_s[p]))} there, {tuple(np.shape(v))} here"
+        for p, v in flat_t.items()
+        if p in flat_s and np.shape(flat_s[p]) != np.shape(v)
+    ]
+    if wrong:
+        more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise CheckpointError(
+            "the parameters have a different architecture than config.model: "
+            + "; ".join(wrong[:3])
+            + more
+        )
+    merged = {
+        p: (np.asarray(flat_s[p], dtype=v.dtype) if p in flat_s else v) for p, v in flat_t.items()
+    }
+    modules = sorted({p[0] for p in flat_t})
+    taken = {}
+    for m in modules:
+        total = sum(_size(v) for p, v in flat_t.items() if p[0] == m)
+        n = sum(_size(v) for p, v in flat_t.items() if p[0] == m and p in flat_s)
+        if n:
+            taken[m] = (n, total)
+    in_modules = {p: v for p, v in flat_s.items() if p[0] in set(modules)}
+    fresh = covering_subtrees({p for p in flat_t if p not in flat_s}, flat_t)
+    unused = covering_subtrees({p for p in in_modules if p not in flat_t}, in_modules)
+
+    def count(paths: list[KeyPath], flat: Mapping[KeyPath, Any]) -> dict[str, int]:
+        return {
+            "/".join(c): sum(_size(v) for p, v in flat.items() if p[: len(c)] == c) for c in paths
+        }
+
+    report = MergeReport(taken, count(fresh, flat_t), count(unused, in_modules))
+    return _unflatten(merged), report

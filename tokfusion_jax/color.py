@@ -80,3 +80,13 @@ def is_gray(rgb: np.ndarray, tol: float = 0.0) -> bool:
         np.abs(rgb[..., 0] - rgb[..., 1]).max() <= tol
         and np.abs(rgb[..., 0] - rgb[..., 2]).max() <= tol
     )
+
+
+def gray_u8_opencv(rgb255: np.ndarray) -> np.ndarray:
+    """8-bit gray the way CDDFuse's test scripts read images: (H, W, 3) RGB floats in 0..255 ->
+    (H, W) uint8 = round(0.299 R + 0.587 G + 0.114 B) computed in float32 (OpenCV's BGR2GRAY on
+    a float32 image, then ``np.round``)."""
+    rgb = np.asarray(rgb255, np.float32)
+    y = rgb[..., 0] * np.float32(KR) + rgb[..., 1] * np.float32(KG)
+    y = y + rgb[..., 2] * np.float32(KB)
+    return np.clip(np.round(y), 0, 255).astype(np.uint8)

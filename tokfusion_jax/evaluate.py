@@ -18,9 +18,11 @@ paper's EN, SD, SCD, EI, SF, AG, SSIM that the convention defines), in
 `--convention=ivif_zoo|cddfuse|vifb|tang` (default ivif_zoo; see `tokfusion_jax.metrics`). Images
 are read the way the convention's reference reads them: 8-bit gray by PIL 'L' (ivif_zoo), by
 OpenCV's float32 BT.601 and rounding (cddfuse), by MATLAB's rgb2gray (tang); as stored, gray or
-colour, for vifb (scored per channel). Model outputs are min-max stretched and rounded to 8 bits,
-as the references save them; under vifb with `--color` the colour-restored output is scored, as
-it is saved.
+colour, for vifb (scored per channel). Exports fuse and finish as their source method does at
+test time (export.json): TokFusion exports and converted CDDFuse checkpoints (`python -m convert
+cddfuse`) are min-max stretched per image, as CDDFuse's test scripts do, then rounded to 8 bits;
+CDDFuse exports are also fed the luma rounded to 8 bits, as its OpenCV reader gives it. Under vifb
+with `--color` the colour-restored output is scored, as it is saved.
 
 Output: the Markdown table on stdout (best per column in bold, second underlined when there are
 three or more methods); with `--out=DIR` also table.md, per_image.csv, results.json and, with
@@ -55,8 +57,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from tokfusion_jax import color, metrics, paths
 from tokfusion_jax import fuse as fuselib
-from tokfusion_jax import metrics, paths
 from tokfusion_jax.data import io as imio
 from tokfusion_jax.data import sources
 from tokfusion_jax.errors import ArgumentParser, DataError, TokFusionError, cli_main
@@ -113,10 +115,7 @@ def read_gray_u8(ref: imio.ImageRef, convention: str = "ivif_zoo") -> np.ndarray
         c = np.asarray(metrics.ops.MATLAB_GRAY_COEFFS)
         y = x[..., 0] * c[0] + x[..., 1] * c[1] + x[..., 2] * c[2]  # float64
         return np.clip(np.floor(y + 0.5), 0, 255).astype(np.uint8)
-    rgb = x.astype(np.float32)
-    y = rgb[..., 0] * np.float32(0.299) + rgb[..., 1] * np.float32(0.587)
-    y = y + rgb[..., 2] * np.float32(0.114)
-    return np.clip(np.round(y), 0, 255).astype(np.uint8)
+    return color.gray_u8_opencv(x.astype(np.float32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +130,7 @@ class Method:
     name: str
     kind: str  # "baseline" | "export" | "folder"
     path: str = ""
-    fuse_fn: fuselib.FuseFn | None = None
+    fuse_fn: fuselib.ExportFuser | None = None
 
     def folder_for(self, dataset: str) -> str:
         sub = os.path.join(self.path, dataset)
@@ -167,7 +166,7 @@ def parse_method(spec: str, tokenizer: str | None = None) -> Method:
         if not os.path.isdir(path):
             raise DataError(f"{path}: method {name!r} is neither an export nor a folder") from None
         return Method(name, "folder", path)
-    return Method(name, "export", path, fuselib.export_fuse_fn(path, tokenizer))
+    return Method(name, "export", path, fuselib.export_fuser(path, tokenizer))
 
 
 def find_fused_file(folder: str, stem: str) -> str:
@@ -283,6 +282,22 @@ class _MetricBuffer:
         return self.results
 
 
+class _DecodedPairs:
+    """The pairs of one batch, decoded on first use once per luma rounding (`fuse.load_pair`)."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], color_from: str, keep_color: bool):
+        self.records, self.color_from, self.keep_color = records, color_from, keep_color
+        self._by_rounding: dict[bool, list[fuselib.LoadedPair]] = {}
+
+    def get(self, round_luma: bool = False) -> list[fuselib.LoadedPair]:
+        if round_luma not in self._by_rounding:
+            self._by_rounding[round_luma] = [
+                fuselib.load_pair(r["vis"], r["ir"], self.color_from, self.keep_color, round_luma)
+                for r in self.records
+            ]
+        return self._by_rounding[round_luma]
+
+
 def evaluate(
     methods: Sequence[Method],
     datasets: Sequence[DatasetSpec],
@@ -306,7 +321,6 @@ def evaluate(
         records = list(source)[:limit] if limit else list(source)
         color_from = source.color_from
         buffer = _MetricBuffer(names, convention)
-        exports = [m for m in methods if m.kind == "export"]
         if save_dir:  # saved fused images must not land in a folder this run reads
             folders = [m for m in methods if m.kind == "folder"]
             paths.check_roles(
@@ -331,11 +345,8 @@ def evaluate(
             recs = [records[i] for i in chunk]
             vis8 = [read_image(r["vis"], convention) for r in recs]
             ir8 = [read_image(r["ir"], convention) for r in recs]
-            loaded = None
-            if exports or (save_dir and keep_color):
-                loaded = [
-                    fuselib.load_pair(r["vis"], r["ir"], color_from, keep_color) for r in recs
-                ]
+            pairs = _DecodedPairs(recs, color_from, keep_color)
+            loaded = pairs.get() if (save_dir and keep_color) else None
             for m in methods:
                 if m.kind == "folder":
                     folder = m.folder_for(spec.label)
@@ -346,20 +357,21 @@ def evaluate(
                     fused8 = [baseline_fuse(m.name, v, i) for v, i in zip(vis8, ir8, strict=True)]
                     out_imgs = [f.astype(np.float32) / 255.0 for f in fused8]
                 else:
-                    assert loaded is not None and m.fuse_fn is not None
+                    assert m.fuse_fn is not None
+                    inputs = pairs.get(m.fuse_fn.round_luma)
                     y = fuselib.fuse_padded(
                         m.fuse_fn,
-                        np.stack([lp.vis_y for lp in loaded]),
-                        np.stack([lp.ir_y for lp in loaded]),
+                        np.stack([lp.vis_y for lp in inputs]),
+                        np.stack([lp.ir_y for lp in inputs]),
                         [f"{m.name} on {r['vis']} + {r['ir']}" for r in recs],
                     )
-
-                    out_imgs = [fuselib.stretch_to_unit(yi) for yi in np.asarray(y)]
+                    finish = fuselib.stretch_to_unit if m.fuse_fn.stretch else _clip01
+                    out_imgs = [finish(yi) for yi in np.asarray(y)]
                     fused8 = [fuselib.to_uint8(o) for o in out_imgs]
                     if convention in metrics.COLOR_CONVENTIONS and keep_color:
                         fused8 = [  # scored as saved: colour restored from Cb/Cr
                             fuselib.to_uint8(fuselib.finish_fused(o, lp.cbcr, stretch=False))
-                            for o, lp in zip(out_imgs, loaded, strict=True)
+                            for o, lp in zip(out_imgs, inputs, strict=True)
                         ]
                 for r, f8, v8, i8 in zip(recs, fused8, vis8, ir8, strict=True):
                     buffer.add((m.name, r["name"]), f8, i8, v8)  # metrics: a = ir, b = vis
@@ -384,6 +396,10 @@ def evaluate(
                     }
                 )
     return rows
+
+
+def _clip01(y: np.ndarray) -> np.ndarray:
+    return np.clip(np.asarray(y, np.float32), 0.0, 1.0)
 
 
 def summarize(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
@@ -561,10 +577,20 @@ def _table_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m tokfusion_jax.evaluate",
         description="Fusion metrics as a Table-1 style table.",
+        epilog="Exports are post-processed as their source method does at test time "
+        "(export.json): TokFusion exports and converted CDDFuse checkpoints are min-max stretched "
+        "per image, as CDDFuse's test scripts do; CDDFuse exports also read the luma rounded to "
+        "8 bits, like its OpenCV reader.",
     )
     p.add_argument("--dataset", action="append", default=[], help="PRESET or LABEL:PRESET")
     p.add_argument("--root", action="append", default=[], help="dataset folder, one per dataset")
-    p.add_argument("--method", action="append", default=[], help="NAME=WORKDIR_OR_FOLDER")
+    p.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        help="NAME=PATH: a training workdir, an export (e.g. from `python -m convert cddfuse`) "
+        "or a folder of fused images",
+    )
     p.add_argument("--baselines", default="average,max", help="comma list of average,max or ''")
     p.add_argument("--convention", default="ivif_zoo", choices=metrics.CONVENTIONS)
     p.add_argument(

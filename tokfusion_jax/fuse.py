@@ -4,13 +4,16 @@
     python -m tokfusion_jax.fuse --workdir=RUN --vis_dir=VIS --ir_dir=IR --out_dir=OUT
 
 Pairs are matched by file stem. The network fuses the luma (BT.601 Y) of the two images at their
-native size; the output is saved the way the reference implementations save it: min-max
-stretched to [0, 1] and rounded to 8 bits. When the visible image has colour (or, for medical
-pairs, the functional image does: `--color_from=ir`), its Cb/Cr are put back on the fused luma
-(`--nocolor` saves gray). Same-size pairs are fused in batches of `--batch_size`. Existing outputs
-are never overwritten without `--overwrite` (folders: they are skipped and counted), and no output
-may be one of the inputs, even with `--overwrite`. Every pair is checked (readable, same size, at
-least 16 pixels a side) before the first is fused; a non-finite model output is never saved.
+native size; the output is finished and saved as the export's source method does it at test time
+(recorded in its export.json): trained TokFusion exports and converted CDDFuse checkpoints
+(``python -m convert cddfuse``) are min-max stretched to [0, 1] per image, as CDDFuse's test
+scripts do, and rounded to 8 bits; CDDFuse exports also get the luma rounded to 8 bits first, as
+its OpenCV reader gives it. When the visible image has colour (or, for medical pairs, the
+functional image does: `--color_from=ir`), its Cb/Cr are put back on the fused luma (`--nocolor`
+saves gray). Same-size pairs are fused in batches of `--batch_size`. Existing outputs are never
+overwritten without `--overwrite` (folders: they are skipped and counted), and no output may be
+one of the inputs, even with `--overwrite`. Every pair is checked (readable, same size, at least
+16 pixels a side) before the first is fused; a non-finite model output is never saved.
 """
 
 from __future__ import annotations
@@ -66,7 +69,10 @@ def to_uint8(x01: np.ndarray) -> np.ndarray:
 
 
 def finish_fused(y: np.ndarray, cbcr: np.ndarray | None, stretch: bool = True) -> np.ndarray:
-    """Fused luma (H, W) in [0, 1] -> the image to save: (H, W) gray or (H, W, 3) RGB in [0, 1]."""
+    """Fused luma (H, W) in [0, 1] -> the image to save: (H, W) gray or (H, W, 3) RGB in [0, 1].
+
+    ``stretch``: min-max stretch the luma first (the "minmax" postprocess); else clip it.
+    """
     y = stretch_to_unit(y) if stretch else np.clip(np.asarray(y, np.float32), 0.0, 1.0)
     if cbcr is None:
         return y
@@ -78,9 +84,14 @@ def load_pair(
     ir: str,
     color_from: str = "vis",
     keep_color: bool = True,
+    round_luma: bool = False,
     min_size: int = imio.MIN_IMAGE_SIZE,
 ) -> LoadedPair:
-    """Decodes a pair (errors name the file); sizes must agree and be at least `min_size`."""
+    """Decodes a pair (errors name the file); sizes must agree and be at least `min_size`.
+
+    ``round_luma``: the luma planes are rounded to 8 bits as CDDFuse's OpenCV reader gives them
+    (`color.gray_u8_opencv`); the chroma is kept unrounded.
+    """
     vis_img = imio.load_image(vis, min_size=min_size)
     ir_img = imio.load_image(ir, min_size=min_size)
     if vis_img.shape[:2] != ir_img.shape[:2]:
@@ -90,9 +101,18 @@ def load_pair(
         )
     vis_y, vis_cbcr = imio.split_luma(vis_img)
     ir_y, ir_cbcr = imio.split_luma(ir_img)
+    if round_luma:
+        vis_y, ir_y = _rounded_luma(vis_img), _rounded_luma(ir_img)
     source_img, source_cbcr = (vis_img, vis_cbcr) if color_from == "vis" else (ir_img, ir_cbcr)
     has_color = source_img.ndim == 3 and not color.is_gray(source_img)
     return LoadedPair(vis_y, ir_y, source_cbcr if (keep_color and has_color) else None)
+
+
+def _rounded_luma(image: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 3) floats in [0, 1] -> 8-bit luma / 255 (H, W) float32."""
+    levels = np.round(np.asarray(image, np.float32) * 255.0)  # the 8-bit values of the file
+    gray = levels if levels.ndim == 2 else color.gray_u8_opencv(levels).astype(np.float32)
+    return gray / np.float32(255.0)
 
 
 def group_same_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -163,12 +183,15 @@ def fuse_pairs(
     color_from: str = "vis",
     overwrite: bool = False,
     progress: bool = True,
+    stretch: bool = True,
+    round_luma: bool = False,
     min_size: int = imio.MIN_IMAGE_SIZE,
 ) -> dict[str, int]:
     """Fuses and saves `pairs`, same-size pairs batched. Returns {"fused": n, "skipped": n}.
 
     Before fusing anything: no output may be an input, every pair's header must be readable,
-    its sizes equal and at least `min_size`.
+    its sizes equal and at least `min_size`. ``stretch`` and ``round_luma``: the test-time
+    convention (`ExportFuser`; see `load_pair` and `finish_fused`).
     """
     paths.check_roles(
         inputs=[(f"pair {p.name}", f) for p in pairs for f in (p.vis, p.ir)],
@@ -185,7 +208,8 @@ def fuse_pairs(
     bar = tqdm(total=len(todo), desc="fuse", unit="pair", disable=not progress)
     for chunk in group_same_size(sizes, batch_size):
         loaded = [
-            load_pair(todo[i].vis, todo[i].ir, color_from, keep_color, min_size) for i in chunk
+            load_pair(todo[i].vis, todo[i].ir, color_from, keep_color, round_luma, min_size)
+            for i in chunk
         ]
         vis = np.stack([lp.vis_y for lp in loaded])  # (B, H, W)
         ir = np.stack([lp.ir_y for lp in loaded])
@@ -193,14 +217,26 @@ def fuse_pairs(
         for i, lp, y in zip(chunk, loaded, fused, strict=True):
             out = todo[i].out
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            imio.save_png(out, finish_fused(y, lp.cbcr))
+            imio.save_png(out, finish_fused(y, lp.cbcr, stretch))
         bar.update(len(chunk))
     bar.close()
     return {"fused": len(todo), "skipped": skipped}
 
 
-def export_fuse_fn(workdir: str, tokenizer: str | None = None) -> FuseFn:
-    """The export's `fuse` as a (B, H, W) -> (B, H, W) function (CheckpointError if missing)."""
+@dataclasses.dataclass(frozen=True)
+class ExportFuser:
+    """An export's batch fusion, (B, H, W) vis, ir -> (B, H, W), with its test-time convention."""
+
+    fn: FuseFn
+    stretch: bool = True  # export.json "postprocess": "minmax"
+    round_luma: bool = False  # export.json "input_luma": "uint8"
+
+    def __call__(self, vis: np.ndarray, ir: np.ndarray) -> np.ndarray:
+        return self.fn(vis, ir)
+
+
+def export_fuser(workdir: str, tokenizer: str | None = None) -> ExportFuser:
+    """Loads the export at ``workdir`` (CheckpointError if missing) as an `ExportFuser`."""
     from tokfusion_jax import export
 
     exp = export.load_export(workdir, tokenizer_path=tokenizer)
@@ -208,12 +244,24 @@ def export_fuse_fn(workdir: str, tokenizer: str | None = None) -> FuseFn:
     def fuse(vis: np.ndarray, ir: np.ndarray) -> np.ndarray:
         return exp.fuse(vis, ir)[..., 0]
 
-    return fuse
+    return ExportFuser(fuse, exp.postprocess == "minmax", exp.input_luma == "uint8")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m tokfusion_jax.fuse", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="training workdir or its export/ folder")
+    p = ArgumentParser(
+        prog="python -m tokfusion_jax.fuse",
+        description=__doc__.split("\n\n")[0],
+        epilog="Post-processing follows the export's source method (export.json): TokFusion "
+        "exports and converted CDDFuse checkpoints are min-max stretched per image, as CDDFuse's "
+        "test scripts do; CDDFuse exports also read the luma rounded to 8 bits, like its OpenCV "
+        "reader.",
+    )
+    p.add_argument(
+        "--workdir",
+        required=True,
+        help="training workdir or its export/ folder, or an export made by `python -m convert "
+        "cddfuse`",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: as recorded)")
     p.add_argument("--vis", help="visible (or MRI) image of one pair")
     p.add_argument("--ir", help="infrared (or CT/PET/SPECT) image of one pair")
@@ -275,15 +323,17 @@ def main(argv: Iterable[str] | None = None) -> dict[str, int]:
     """CLI entry point; returns the counts it printed."""
     args = _parser().parse_args(None if argv is None else list(argv))
     pairs = _check_args(args)
-    fuse_fn = export_fuse_fn(args.workdir, args.tokenizer)
+    fuser = export_fuser(args.workdir, args.tokenizer)
     counts = fuse_pairs(
-        fuse_fn,
+        fuser,
         pairs,
         batch_size=args.batch_size,
         keep_color=args.color,
         color_from=args.color_from,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        stretch=fuser.stretch,
+        round_luma=fuser.round_luma,
     )
     where = args.out or args.out_dir
     note = f", {counts['skipped']} existing output(s) kept" if counts["skipped"] else ""

@@ -4,8 +4,8 @@
         --config.tokenizer.path=checkpoints/titok_l32 --config.data.root=data/msrs/train
 
 Rerunning the same command resumes from the newest checkpoint in ``--workdir``. SIGTERM / Ctrl-C
-save a checkpoint and exit cleanly. ``--config.init_from=runs/other`` starts a new run from
-another run's weights.
+save a checkpoint and exit cleanly. ``--config.train.init_from=runs/other`` starts a new run
+from another run's weights (or from CDDFuse's, converted by ``python -m convert cddfuse``).
 """
 
 from __future__ import annotations

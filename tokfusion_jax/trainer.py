@@ -81,9 +81,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         need(t[key] >= 1, f"train.{key}", t[key], ">= 1")
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
     need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
+    patch = int(d.get("patch_size", 0))
+    need(patch == 0 or patch >= 8, "data.patch_size", patch, "0 (off) or >= 8")
+    if patch:
+        need(d.patch_stride >= 1, "data.patch_stride", d.patch_stride, ">= 1")
+        need(
+            0 <= d.patch_min_contrast < 1,
+            "data.patch_min_contrast",
+            d.patch_min_contrast,
+            "in [0, 1) (0 = no filter)",
+        )
     need(config.val.batch_size >= 1, "val.batch_size", config.val.batch_size, ">= 1")
     tok = config.tokenizer
-    if not tok.path and not tok.random_tiny:
+    if config.model.use_tokens and not tok.path and not tok.random_tiny:
         raise ConfigError(
             "config.tokenizer.path is not set: convert a TiTok checkpoint (python -m convert "
             "titok ...) and pass --config.tokenizer.path=DIR (or set tokenizer.random_tiny=True "
@@ -105,8 +115,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key}={value}: no such file or directory")
     if d.token_cache and not pathlib.Path(d.token_cache).expanduser().is_dir():
         raise ConfigError(f"config.data.token_cache={d.token_cache}: no such directory")
-    if config.init_from and not pathlib.Path(config.init_from).expanduser().exists():
-        raise ConfigError(f"config.init_from={config.init_from}: no such file or directory")
+    if d.get("patch_size", 0) and d.token_cache:
+        raise ConfigError(
+            "config.data.patch_size cannot be combined with data.token_cache: cached tokens "
+            "describe whole images"
+        )
+    init_from = init_from_path(config)
+    if init_from and not pathlib.Path(init_from).expanduser().exists():
+        raise ConfigError(f"config.train.init_from={init_from}: no such file or directory")
+
+
+def init_from_path(config: ml_collections.ConfigDict) -> str:
+    """``config.train.init_from``, or the older top-level ``config.init_from`` (same meaning)."""
+    new, old = str(config.train.get("init_from", "") or ""), str(config.get("init_from", "") or "")
+    if new and old and new != old:
+        raise ConfigError(
+            f"config.train.init_from={new} and config.init_from={old} disagree; set only "
+            "train.init_from"
+        )
+    return new or old
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,8 +269,10 @@ def to_stage2(
 ) -> State:
     """The stage switch: keep every trained module and its optimiser state, add the fuse layers."""
     params = model.extend_to_stage2(state["params"], jax.random.fold_in(rng, 2))
-    if fuse_init:  # --config.init_from gave trained fuse layers
-        params = {**params, **{k: v for k, v in fuse_init.items() if k in params}}
+    if fuse_init:  # --config.train.init_from gave trained fuse layers
+        pending = {k: params[k] for k in fuse_init if k in params}
+        taken, _ = checkpointing.merge_params(pending, fuse_init)
+        params = {**params, **taken}
     opt_state = optimizer.extend(state["opt_state"], params)
     return {**state, "params": params, "opt_state": opt_state}
 
@@ -271,8 +300,8 @@ def open_source(dataset: str, root: str, allow_unpaired: bool = False):
     return _sources().from_preset(dataset, root, allow_unpaired)
 
 
-def _token_cache(config: ml_collections.ConfigDict, tok: titok.Tokenizer):
-    if not config.data.token_cache:
+def _token_cache(config: ml_collections.ConfigDict, tok: titok.Tokenizer | None):
+    if not config.data.token_cache or tok is None:
         return None
     from tokfusion_jax.data import cache
 
@@ -289,7 +318,7 @@ def train_iterator(config, source, tok, image_size: int):
     ds = _pipeline().make_pipeline(
         source,
         batch_size=d.batch_size // jax.process_count(),
-        image_size=(image_size, image_size),
+        image_size=None if d.get("patch_size", 0) else (image_size, image_size),
         seed=int(d.seed),
         shuffle=bool(d.shuffle),
         num_epochs=None,
@@ -372,9 +401,14 @@ def random_tiny_tokenizer_config(
 
 def resolve_tokenizer(
     config: ml_collections.ConfigDict, workdir: pathlib.Path, sharding: Any = None
-) -> tuple[titok.Tokenizer, str]:
-    """The frozen tokenizer and the path it lives at (the random tiny one is saved in workdir)."""
+) -> tuple[titok.Tokenizer | None, str]:
+    """The frozen tokenizer and the path it lives at (the random tiny one is saved in workdir).
+
+    A model without tokens (``model.use_tokens=False``) needs none: (None, "").
+    """
     cfg = config.tokenizer
+    if not config.model.use_tokens:
+        return None, ""
     if cfg.path:
         path = pathlib.Path(cfg.path).expanduser().absolute()
         return titok.load(path, sharding=sharding), str(path)
@@ -402,7 +436,9 @@ def _sync(name: str) -> None:
     shd.host_barrier(name)
 
 
-def _check_tokenizer_matches(config, tok: titok.Tokenizer) -> None:
+def _check_tokenizer_matches(config, tok: titok.Tokenizer | None) -> None:
+    if tok is None:
+        return
     t = config.model.tokens
     pairs = [
         ("num_tokens", t.num_tokens, tok.config.num_tokens),
@@ -420,8 +456,10 @@ def _check_tokenizer_matches(config, tok: titok.Tokenizer) -> None:
 _host_scalars = loop.host_scalars  # averaged per-step metrics
 
 
-def _meta(config, step: int, stage: int, epoch: int, tok_path: str, tok: titok.Tokenizer) -> dict:
-    tokenizer = {"path": tok_path, "sha256": tok.sha256}
+def _meta(
+    config, step: int, stage: int, epoch: int, tok_path: str, tok: titok.Tokenizer | None
+) -> dict:
+    tokenizer = None if tok is None else {"path": tok_path, "sha256": tok.sha256}
     return loop.run_meta(config, step, stage=stage, epoch=epoch, tokenizer=tokenizer)
 
 
@@ -447,7 +485,7 @@ def train_and_evaluate(
     # Loaded straight onto the (global) mesh, replicated: every process restores its own copy.
     tok, tok_path = resolve_tokenizer(config, workdir, sharding=shd.replicated(mesh))
     _check_tokenizer_matches(config, tok)
-    use_cache = bool(config.data.token_cache)
+    use_cache = bool(config.data.token_cache) and tok is not None
     frozen = None if use_cache else tok
     frozen_shardings = None
     if frozen is not None:
@@ -457,6 +495,14 @@ def train_and_evaluate(
 
     train_root = config.data.train_root or config.data.root
     source = open_source(config.data.dataset, train_root, bool(config.data.allow_unpaired))
+    if config.data.get("patch_size", 0):
+        from tokfusion_jax.data import patches
+
+        source = patches.from_data_config(source, config.data, progress=jax.process_index() == 0)
+        _log0(f"training on {source.describe()}")
+        train_size = int(config.data.patch_size)  # the parameters do not depend on it
+    else:
+        train_size = image_size
     n_pairs = len(source)
     global_bs = int(config.data.batch_size)
     steps_per_epoch = int(config.train.steps_per_epoch) or n_pairs // global_bs
@@ -495,7 +541,7 @@ def train_and_evaluate(
     def abstract_state(stage: int) -> State:
         shapes = jax.eval_shape(
             lambda: new_state(
-                stage_params(model, init_key, stage, (image_size, image_size)), optimizer
+                stage_params(model, init_key, stage, (train_size, train_size)), optimizer
             )
         )
         return jax.tree_util.tree_map(
@@ -513,11 +559,18 @@ def train_and_evaluate(
         state, meta = resumed
         stage, latest = int(meta["stage"]), int(meta["step"])
         _log0(f"resuming from {ckpt.step_path(latest)} (step {latest}, stage {stage})")
+        if stage == 1 and init_from_path(config):  # its fuse layers still wait for the switch
+            _, fuse_init = load_init_params(
+                init_from_path(config), abstract_state(1)["params"], log=False
+            )
     else:
         stage = 1 if stage1_steps > 0 else 2
-        params = stage_params(model, init_key, stage, (image_size, image_size))
-        if config.init_from:
-            params, fuse_init = load_init_params(config.init_from, params)
+        params = stage_params(model, init_key, stage, (train_size, train_size))
+        if init_from_path(config):
+            stage2 = jax.eval_shape(
+                lambda: stage_params(model, init_key, 2, (train_size, train_size))
+            )
+            params, fuse_init = load_init_params(init_from_path(config), params, stage2)
         state = _initial_state(model, optimizer, params, rep)
 
     step = int(jax.device_get(state["step"]))
@@ -722,42 +775,49 @@ def _pad_to(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, pad], axis=0)
 
 
-def load_init_params(source: str, params: PyTree) -> tuple[PyTree, dict | None]:
-    """Replaces ``params``' modules by another run's (``--config.init_from``).
+def load_init_params(
+    source: str, params: PyTree, stage2_params: PyTree | None = None, log: bool = True
+) -> tuple[PyTree, dict | None]:
+    """Takes into ``params`` what another run or export has a counterpart for.
 
-    Returns (params, the other run's fuse layers when ``params`` has none, else None).
+    ``source``: a workdir, its ``checkpoints/`` or ``export/``, or an export made by
+    ``python -m convert cddfuse``. Every leaf found at the same path with the same shape is
+    copied bit for bit; the rest stays freshly initialised (e.g. the token interface and STE when
+    starting TokFusion from CDDFuse, and CDDFuse's ``encoder/patch_embed`` is unused when
+    ``encoder_input="replace"``). One log block says what was taken, what stays fresh and what
+    was not used. A leaf with another shape is a `CheckpointError`, and so is a source that has
+    nothing for this model.
+
+    ``stage2_params`` (the stage-II tree, abstract is fine) lets the fuse layers a stage-I tree
+    lacks be checked now; they are returned separately and taken at the stage switch. Returns
+    (params, the source's modules that ``params`` lacks, or None); ``log=False`` is quiet.
     """
     loaded = checkpointing.restore_params(source)
-    merged = dict(params)
-    for name in params:
-        if name not in loaded:
-            raise CheckpointError(f"init_from={source}: module {name!r} is missing there")
-        want = jax.tree_util.tree_structure(params[name])
-        got = jax.tree_util.tree_structure(loaded[name])
-        shapes_ok = want == got and all(
-            np.shape(a) == np.shape(b)
-            for a, b in zip(
-                jax.tree_util.tree_leaves(params[name]),
-                jax.tree_util.tree_leaves(loaded[name]),
-                strict=True,
-            )
+    try:
+        merged, report = checkpointing.merge_params(params, loaded)
+        pending = {k: v for k, v in loaded.items() if k not in params}
+        later = None
+        if stage2_params is not None:
+            later_target = {k: stage2_params[k] for k in pending if k in stage2_params}
+            _, later = checkpointing.merge_params(later_target, pending)
+    except CheckpointError as e:
+        raise CheckpointError(f"init_from={source}: {e}") from None
+    if not report.taken and not (later and later.taken):
+        raise CheckpointError(
+            f"init_from={source}: nothing in it fits config.model (its modules: "
+            f"{', '.join(sorted(loaded))})"
         )
-        if not shapes_ok:
-            raise CheckpointError(
-                f"init_from={source}: module {name!r} has a different architecture than "
-                "config.model"
-            )
-        merged[name] = jax.tree_util.tree_map(
-            lambda a, b: jnp.asarray(b, a.dtype), params[name], loaded[name]
-        )
-    fuse = {k: v for k, v in loaded.items() if k not in params} or None
-    _log0(f"init_from: parameters of {sorted(merged)} loaded from {source}")
-    return merged, fuse
+    lines = [f"init_from: parameters from {source}", *("  " + x for x in report.lines())]
+    if later is not None and later.taken:
+        lines += ["  at the stage-II switch, " + x for x in later.lines() if x.startswith("taken")]
+    if log:
+        _log0("\n".join(lines))
+    return merged, (pending or None)
 
 
-def _check_resume_compatible(meta: Mapping[str, Any], tok: titok.Tokenizer, workdir) -> None:
-    recorded = meta.get("tokenizer", {}).get("sha256", "")
-    if recorded and tok.sha256 and recorded != tok.sha256:
+def _check_resume_compatible(meta: Mapping[str, Any], tok: titok.Tokenizer | None, workdir) -> None:
+    recorded = (meta.get("tokenizer") or {}).get("sha256", "")
+    if tok is not None and recorded and tok.sha256 and recorded != tok.sha256:
         raise CheckpointError(
             f"{workdir}/checkpoints was trained with tokenizer sha256 {recorded[:12]}..., but "
             f"config.tokenizer gives {tok.sha256[:12]}...; use a fresh --workdir"

@@ -31,4 +31,12 @@ def data_config() -> ml_collections.ConfigDict:
     # random horizontal flip, applied identically to both images of a pair.
     c.crop_size = 0
     c.flip = False
+    # CDDFuse's training patches (configs/ivif.py:cddfuse; tokfusion_jax.data.patches): train on
+    # patch_size x patch_size crops of the native-size pairs, cut on a grid with stride
+    # patch_stride, dropping a pair of crops when either is low-contrast, (P90 - P10) / P90 <
+    # patch_min_contrast (0 = keep all). 0 = off. Each kept patch is one example; image_size then
+    # only sizes the validation pairs. Not combinable with token_cache.
+    c.patch_size = 0
+    c.patch_stride = 200
+    c.patch_min_contrast = 0.1
     return c

@@ -122,15 +122,16 @@ def from_config(
     token_cache: Any = None,
 ) -> grain.IterDataset:
     """A pipeline from a `data_config()` section (`root` overrides `data.train_root/root`)."""
-    from tokfusion_jax.data import sources
+    from tokfusion_jax.data import patches, sources
 
     source = sources.from_preset(
         data.dataset, root or data.get("train_root") or data.root, data.allow_unpaired
     )
+    source = patches.from_data_config(source, data)
     return make_pipeline(
         source,
         batch_size=data.batch_size,
-        image_size=data.image_size or None,
+        image_size=None if data.get("patch_size", 0) else (data.image_size or None),
         seed=data.seed,
         shuffle=data.shuffle if shuffle is None else shuffle,
         num_epochs=num_epochs,

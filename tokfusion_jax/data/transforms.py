@@ -73,6 +73,8 @@ class DecodePair(grain.transforms.Map):
     (None keeps the native size; a resize is clipped to [0, 1]) and, with `keep_color`, adds
     each image's chroma ("vis_cbcr", "ir_cbcr": (H, W, 2); 0.5 for gray images). With a
     `token_cache`, adds the cached tokens of both images ("vis_tokens", "ir_tokens": (N, C)).
+    A record with "patch": (top, left, size) (`patches.GridPatchSource`) gives that crop of the
+    native-size pair (`image_size` must then be None).
     """
 
     image_size: tuple[int, int] | None = (256, 256)
@@ -83,6 +85,9 @@ class DecodePair(grain.transforms.Map):
     def map(self, record: dict[str, Any]) -> dict[str, Any]:
         name = str(record["name"])
         out: dict[str, Any] = {"name": name}
+        patch = record.get("patch")
+        if patch is not None and self.image_size is not None:
+            raise DataError(f"{name}: grid patches are cut from native-size images (image_size)")
         encoded, hw = {}, {}
         for slot in ("vis", "ir"):
             ref = record[slot]
@@ -110,8 +115,22 @@ class DecodePair(grain.transforms.Map):
                 y = imio.decode_luma(data, label, self.image_size)  # fused decode+luma+resize
             if self.image_size is not None:
                 y = np.clip(y, 0.0, 1.0)  # bicubic overshoots
+            if patch is not None:
+                y, out = _crop(y, patch), _crop_cbcr(out, slot, patch)
             out[slot] = y[..., None]  # (H, W, 1)
         return out
+
+
+def _crop(x: np.ndarray, patch: tuple[int, int, int]) -> np.ndarray:
+    top, left, size = patch
+    return np.ascontiguousarray(x[top : top + size, left : left + size])
+
+
+def _crop_cbcr(out: dict[str, Any], slot: str, patch: tuple[int, int, int]) -> dict[str, Any]:
+    key = f"{slot}_cbcr"
+    if key in out:
+        out[key] = _crop(out[key], patch)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,8 +30,9 @@ def model_config() -> ml_collections.ConfigDict:
     # DetailNodes (INN layers) in the encoder's detail branch and in the stage-II DetailFuse layer.
     c.detail_layers = 3
     c.fuse_detail_layers = 1
-    # False: the no-token ablation = the plain 2D CDDFuse path (3x3 patch_embed conv on the
-    # image feeds the encoder; no STE, no token-to-map interface).
+    # False: the no-token ablation, the plain 2D path (3x3 patch_embed conv on the image feeds
+    # the encoder; no STE, no token-to-map interface). It is CDDFuse's network only with
+    # residual="vis" as well (cddfuse_model_config below); with "sum" its output differs.
     c.use_tokens = True
     # False: no Selective Token Editing (Z goes unedited into the token-to-map interface).
     c.use_ste = True
@@ -75,4 +76,23 @@ def model_config() -> ml_collections.ConfigDict:
     # Rematerialise the backbone blocks (recompute their activations in the backward pass):
     # same parameters and results, much less activation memory in training, more compute.
     c.remat = False
+    return c
+
+
+def cddfuse_model_config(residual: str = "vis") -> ml_collections.ConfigDict:
+    """The plain 2D CDDFuse network: exactly the official net.py with its default sizes.
+
+    No tokens, no STE, no token-to-map interface; patch_embed on the image feeds one shared
+    encoder (dim 64, 8 heads, 4 + 4 Restormer blocks, 3 INN nodes; 1 in the DetailFuse layer),
+    1,188,272 parameters. ``residual`` is the image added inside the decoder's sigmoid at test
+    time: "vis" for CDDFuse's infrared-visible scripts (test_IVF.py, train.py), "sum" for its
+    IVF weights on medical pairs and "none" for its MIF weights (test_MIF.py).
+    """
+    if residual not in RESIDUAL_MODES:
+        raise ValueError(f"residual: expected one of {RESIDUAL_MODES}, got {residual!r}")
+    c = model_config()
+    c.use_tokens = False
+    c.use_ste = False
+    c.share_encoder = True
+    c.residual = residual
     return c

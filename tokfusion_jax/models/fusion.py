@@ -19,8 +19,13 @@ never part of it. The model holds no state: the same instance serves every stage
 
 Encoder input [choice, `model.encoder_input`]: "replace" (default): the token-induced map F_hat
 (B, H, W, dim) replaces CDDFuse's patch_embed output, so the image reaches the encoder through the
-interface's detail injection; "add": patch_embed(image) + F_hat. With `use_tokens=False` the
-model is exactly CDDFuse (patch_embed on the image), 1,188,272 parameters at dim 64.
+interface's detail injection; "add": patch_embed(image) + F_hat. `use_tokens=False` gives the
+plain 2D path (patch_embed on the image, no STE, no interface). It is exactly CDDFuse's network
+and test path only with, in addition, `residual="vis"` (its test_IVF.py and train.py; the
+default "sum" is the paper's Eq. 12 and changes the fused output), `share_encoder=True` and the
+default sizes (dim 64, 8 heads, 4 + 4 blocks, 3 + 1 INN nodes, expansion 2): 1,188,272
+parameters. `models.config.cddfuse_model_config()` is that setting; `cddfuse_differences` names
+what keeps a config from it.
 
 Compute dtype: `model.dtype` (params stay float32). `model.remat=True` recomputes the backbone
 blocks' activations in the backward pass (same params and results, less training memory).
@@ -523,10 +528,47 @@ def summary(cfg_model: Mapping[str, Any] | ml_collections.ConfigDict) -> str:
     lines += [f"{k:<14}{counts[k]:>18,}" for k in order]
     lines.append(f"{'total':<14}{counts['total']:>18,}")
     s = model.spec
+    lines.append(_cddfuse_note(s))
     if model.ste_module is not None:
         per = len(s.ste_positions) * len(s.ste_channels) * (1 if s.ste_shared else 2)
         lines.append(f"(STE: {per} of the Delta entries are unmasked and can change)")
     return "\n".join(lines)
+
+
+def cddfuse_differences(spec: ModelSpec) -> list[str]:
+    """The settings of ``spec`` that differ from CDDFuse's network and IVF test path (empty: none).
+
+    A medical residual ("sum" for its IVF weights on MRI pairs, "none" for its MIF weights) is
+    also CDDFuse's, and is reported as such rather than as a difference.
+    """
+    from tokfusion_jax.models.config import cddfuse_model_config
+
+    want = spec_from_config(cddfuse_model_config("vis"))
+    keys = ("use_tokens", "share_encoder", "dim", "heads", "ffn_expansion", "enc_blocks")
+    keys += ("dec_blocks", "detail_layers", "fuse_detail_layers", "residual")
+    diffs = []
+    for key in keys:
+        got, ref = getattr(spec, key), getattr(want, key)
+        medical = key == "residual" and got in ("sum", "none")
+        if got != ref and not medical:
+            diffs.append(f"model.{key}={got!r} (CDDFuse: {ref!r})")
+    return diffs
+
+
+def _cddfuse_note(spec: ModelSpec) -> str:
+    diffs = cddfuse_differences(spec)
+    if not diffs and spec.residual == "vis":
+        return "(exactly CDDFuse's network and infrared-visible test path: test_IVF.py, train.py)"
+    if not diffs:
+        where = {"sum": "CDDFuse_IVF.pth", "none": "CDDFuse_MIF.pth"}[spec.residual]
+        return (
+            f"(CDDFuse's network; residual {spec.residual!r} is its medical test path, test_MIF.py "
+            f"with {where}; its infrared-visible path adds the visible image only: "
+            "model.residual='vis')"
+        )
+    if spec.use_tokens:
+        return "(TokFusion; the plain 2D CDDFuse network is models.config.cddfuse_model_config())"
+    return "(plain 2D, but not CDDFuse's network: " + ", ".join(diffs) + ")"
 
 
 def _main(argv: list[str]) -> None:
