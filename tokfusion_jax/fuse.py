@@ -7,8 +7,14 @@ Pairs are matched by file stem. The network fuses the luma (BT.601 Y) of the two
 native size; the output is saved the way the reference implementations save it: min-max
 stretched to [0, 1] and rounded to 8 bits. When the visible image has colour (or, for medical
 pairs, the functional image does: `--color_from=ir`), its Cb/Cr are put back on the fused luma
-(`--nocolor` saves gray). Same-size pairs are fused in batches of `--batch_size`. Existing outputs
-are never overwritten without `--overwrite` (folders: they are skipped and counted).
+(`--nocolor` saves gray). Existing outputs are never overwritten without `--overwrite` (folders:
+they are skipped and counted).
+
+Batches: same-size pairs are fused together, at most `--batch_size` (default 8) at a time, and
+only as many as fit in memory: for each image size the batch is chosen from the free memory
+(CPU: /proc/meminfo `MemAvailable` and the cgroup limit; GPU: the device's free bytes) and the
+need XLA's memory analysis gives for the compiled fuse at batch 1 and 2 (`tokfusion_jax.memory`).
+If a batch still runs out of memory, it is split in halves and retried, down to one pair.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from tokfusion_jax import color
+from tokfusion_jax import color, memory
 from tokfusion_jax.data import io as imio
 from tokfusion_jax.data.sources import list_images, natural_key
 from tokfusion_jax.errors import DataError, TokFusionError, cli_main
 
 FuseFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (B,H,W) vis, ir in [0,1] -> (B,H,W)
+BatchPlanner = Callable[[int, int, int], int]  # (H, W, upper bound) -> batch size to use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,25 +94,35 @@ def load_pair(vis: str, ir: str, color_from: str = "vis", keep_color: bool = Tru
     return LoadedPair(vis_y, ir_y, source_cbcr if (keep_color and has_color) else None)
 
 
+def group_by_size(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    """{(H, W): the indices of the images of that size}, in order of first appearance."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, hw in enumerate(sizes):
+        groups.setdefault(tuple(hw), []).append(i)
+    return groups
+
+
 def group_same_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
     """Indices grouped by image size, in chunks of at most `batch_size` (order kept within)."""
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, hw in enumerate(sizes):
-        by_size.setdefault(tuple(hw), []).append(i)
     chunks = []
-    for idx in by_size.values():
+    for idx in group_by_size(sizes).values():
         chunks += [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
     return chunks
 
 
-def fuse_padded(fuse_fn: FuseFn, vis: np.ndarray, ir: np.ndarray) -> np.ndarray:
-    """Calls `fuse_fn` on a batch padded (by repeating its last pair) to a power of two.
+def fuse_padded(
+    fuse_fn: FuseFn, vis: np.ndarray, ir: np.ndarray, limit: int | None = None
+) -> np.ndarray:
+    """Calls `fuse_fn` on a batch padded (by repeating its last pair) to a power of two, never
+    above `limit` (the planned batch size; default: no limit).
 
     (B, H, W) -> (B, H, W). Partial batches then reuse a few compiled shapes instead of one
     compile per leftover count.
     """
     n = vis.shape[0]
     padded = 1 << (n - 1).bit_length()
+    if limit is not None:
+        padded = max(n, min(padded, limit))
     if padded != n:
         vis = np.concatenate([vis, np.repeat(vis[-1:], padded - n, axis=0)])
         ir = np.concatenate([ir, np.repeat(ir[-1:], padded - n, axis=0)])
@@ -143,8 +160,14 @@ def fuse_pairs(
     color_from: str = "vis",
     overwrite: bool = False,
     progress: bool = True,
+    plan_batch: BatchPlanner | None = None,
 ) -> dict[str, int]:
-    """Fuses and saves `pairs`, same-size pairs batched. Returns {"fused": n, "skipped": n}."""
+    """Fuses and saves `pairs`, same-size pairs batched. Returns {"fused": n, "skipped": n}.
+
+    `batch_size` bounds every batch; `plan_batch(H, W, bound)` (if given) lowers it per image
+    size, e.g. to what fits in memory (`memory_planner`). A batch that runs out of memory is
+    retried in halves; one pair that does not fit is a `DataError`.
+    """
     todo = [p for p in pairs if overwrite or not os.path.exists(p.out)]
     skipped = len(pairs) - len(todo)
     sizes = []
@@ -157,22 +180,43 @@ def fuse_pairs(
             )
         sizes.append(hw_vis)
     bar = tqdm(total=len(todo), desc="fuse", unit="pair", disable=not progress)
-    for chunk in group_same_size(sizes, batch_size):
-        loaded = [load_pair(todo[i].vis, todo[i].ir, color_from, keep_color) for i in chunk]
-        vis = np.stack([lp.vis_y for lp in loaded])  # (B, H, W)
-        ir = np.stack([lp.ir_y for lp in loaded])
-        fused = fuse_padded(fuse_fn, vis, ir)
-        for i, lp, y in zip(chunk, loaded, fused, strict=True):
-            out = todo[i].out
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            imio.save_png(out, finish_fused(y, lp.cbcr))
-        bar.update(len(chunk))
+    for (h, w), group in group_by_size(sizes).items():
+        batch = batch_size
+        if plan_batch is not None and min(batch_size, len(group)) > 1:
+            batch = plan_batch(h, w, min(batch_size, len(group)))
+        start = 0
+        while start < len(group):
+            chunk = group[start : start + batch]
+            loaded = [load_pair(todo[i].vis, todo[i].ir, color_from, keep_color) for i in chunk]
+            vis = np.stack([lp.vis_y for lp in loaded])  # (B, H, W)
+            ir = np.stack([lp.ir_y for lp in loaded])
+            try:
+                fused = fuse_padded(fuse_fn, vis, ir, limit=batch)
+            except Exception as e:
+                if not memory.is_out_of_memory(e):
+                    raise
+                if len(chunk) == 1:
+                    raise DataError(
+                        f"{todo[chunk[0]].vis}: out of memory fusing one {w}x{h} pair "
+                        f"({' '.join(str(e).split())[:160]})"
+                    ) from None
+                called = max(len(chunk), min(1 << (len(chunk) - 1).bit_length(), batch))
+                batch = max(1, called // 2)  # this chunk and the rest of its size, halved
+                bar.write(f"fuse: out of memory at batch {called}, retrying in batches of {batch}")
+                continue
+            for i, lp, y in zip(chunk, loaded, fused, strict=True):
+                out = todo[i].out
+                os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+                imio.save_png(out, finish_fused(y, lp.cbcr))
+            bar.update(len(chunk))
+            start += len(chunk)
     bar.close()
     return {"fused": len(todo), "skipped": skipped}
 
 
-def export_fuse_fn(workdir: str, tokenizer: str | None = None) -> FuseFn:
-    """The export's `fuse` as a (B, H, W) -> (B, H, W) function (CheckpointError if missing)."""
+def export_fuser(workdir: str, tokenizer: str | None = None) -> tuple[FuseFn, BatchPlanner]:
+    """The export's `fuse` as a (B, H, W) -> (B, H, W) function and its memory planner
+    (`memory_planner`); CheckpointError if the export is missing."""
     from tokfusion_jax import export
 
     exp = export.load_export(workdir, tokenizer_path=tokenizer)
@@ -180,7 +224,33 @@ def export_fuse_fn(workdir: str, tokenizer: str | None = None) -> FuseFn:
     def fuse(vis: np.ndarray, ir: np.ndarray) -> np.ndarray:
         return exp.fuse(vis, ir)[..., 0]
 
-    return fuse
+    return fuse, memory_planner(exp.memory_model)
+
+
+def export_fuse_fn(workdir: str, tokenizer: str | None = None) -> FuseFn:
+    """The export's `fuse` as a (B, H, W) -> (B, H, W) function (CheckpointError if missing)."""
+    return export_fuser(workdir, tokenizer)[0]
+
+
+def memory_planner(
+    memory_model: Callable[[int, int], memory.MemoryModel | None],
+    free_bytes: Callable[[], int | None] = memory.free_bytes,
+) -> BatchPlanner:
+    """A `BatchPlanner`: the largest batch up to the bound whose need (`memory_model(H, W)`, in
+    bytes beyond the resident weights) fits in the free memory (`memory.choose_batch`)."""
+
+    def plan(height: int, width: int, upper: int) -> int:
+        need, free = memory_model(height, width), free_bytes()
+        batch = memory.choose_batch(free, need, upper)
+        if batch < upper and need is not None and free is not None:
+            print(
+                f"fuse: {width}x{height} pairs in batches of {batch} (not {upper}): each call "
+                f"needs {need.need(batch) / memory.GIB:.2f} GiB, {free / memory.GIB:.2f} GiB free",
+                file=sys.stderr,
+            )
+        return batch
+
+    return plan
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -195,7 +265,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vis_dir", help="folder of visible images (paired with --ir_dir by stem)")
     p.add_argument("--ir_dir", help="folder of infrared images")
     p.add_argument("--out_dir", help="output folder (<stem>.png per pair)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=8,
+        help="most same-size pairs per call (default 8); lowered per image size to what fits in "
+        "the free memory, and halved on an out-of-memory error",
+    )
     p.add_argument(
         "--color",
         dest="color",
@@ -243,11 +319,12 @@ def main(argv: Iterable[str] | None = None) -> dict[str, int]:
     """CLI entry point; returns the counts it printed."""
     args = _parser().parse_args(None if argv is None else list(argv))
     pairs = _check_args(args)
-    fuse_fn = export_fuse_fn(args.workdir, args.tokenizer)
+    fuse_fn, plan_batch = export_fuser(args.workdir, args.tokenizer)
     counts = fuse_pairs(
         fuse_fn,
         pairs,
         batch_size=args.batch_size,
+        plan_batch=plan_batch,
         keep_color=args.color,
         color_from=args.color_from,
         overwrite=args.overwrite,
