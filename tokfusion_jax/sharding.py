@@ -109,6 +109,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mes
     return Mesh(grid, ("data", "fsdp"))
 
 
+def mesh_from_config(mesh_cfg: Any, global_batch: int, devices: list | None = None) -> Mesh:
+    """The ``(data, fsdp)`` mesh of a ``config.mesh`` section, checked against the global batch."""
+    mesh = make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp), devices)
+    check_batch_size(global_batch, mesh)
+    return mesh
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array."""
     return NamedSharding(mesh, P())

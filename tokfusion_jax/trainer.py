@@ -12,7 +12,9 @@ The train state is a dict ``{"params", "opt_state", "step", "nonfinite_step"}``.
 ``nonfinite_step`` is -1 while every loss and gradient has been finite; the first step that is not
 records itself there and from then on the step leaves parameters and optimiser state untouched.
 The host reads it only when it fetches metrics (every ``log_every_steps``) and before every
-checkpoint, so the loop never waits on the device otherwise.
+checkpoint, so the loop never waits on the device otherwise. That guard, the run logger, the stop
+signals and resuming with the data iterator are shared with the tokenizer trainer
+(`tokfusion_jax.loop`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,10 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
 import pathlib
-import signal
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,9 +35,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tokfusion_jax import checkpointing, compile_options, losses, optim
+from tokfusion_jax import checkpointing, compile_options, loop, losses, optim
 from tokfusion_jax import sharding as shd
-from tokfusion_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from tokfusion_jax.errors import CheckpointError, ConfigError, DataError
 from tokfusion_jax.models import titok
 from tokfusion_jax.models.fusion import TokFusion
 
@@ -157,11 +156,6 @@ def compute_loss(
     return loss.astype(jnp.float32), (terms, output.astype(jnp.float32))
 
 
-def _all_finite(tree: PyTree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def train_step(
     state: State, frozen: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *, ctx: StepContext
 ) -> tuple[State, dict[str, jax.Array]]:
@@ -185,16 +179,13 @@ def train_step(
         lambda p, u: p + u.astype(p.dtype), state["params"], updates
     )
 
-    finite = jnp.isfinite(loss) & _all_finite(grads)
-    healthy = finite & (state["nonfinite_step"] < 0)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(healthy, a, b), new, old)
+    finite = jnp.isfinite(loss) & loop.all_finite(grads)
+    healthy, nonfinite_step = loop.finite_guard(state["nonfinite_step"], step, finite)
     new_state = {
-        "params": keep(new_params, state["params"]),
-        "opt_state": keep(new_opt, state["opt_state"]),
+        "params": loop.keep_if(healthy, new_params, state["params"]),
+        "opt_state": loop.keep_if(healthy, new_opt, state["opt_state"]),
         "step": step + 1,
-        "nonfinite_step": jnp.where(
-            (state["nonfinite_step"] < 0) & ~finite, step, state["nonfinite_step"]
-        ).astype(jnp.int32),
+        "nonfinite_step": nonfinite_step,
     }
     metrics = {"loss": loss, **{k: v.astype(jnp.float32) for k, v in terms.items()}}
     for name, norm in optim.global_norms(grads).items():
@@ -345,101 +336,6 @@ def val_batches(config, source, image_size: int) -> list[dict[str, np.ndarray]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Logging
-# ----------------------------------------------------------------------------------------------
-
-
-class RunLogger:
-    """metrics.jsonl + TensorBoard (tensorboardX) + progress bar; active on process 0 only."""
-
-    def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int):
-        self.active = jax.process_index() == 0
-        self.jsonl = workdir / "metrics.jsonl"
-        self.writer = None
-        self.bar = None
-        if not self.active:
-            return
-        from tensorboardX import SummaryWriter
-        from tqdm.auto import tqdm
-
-        self.writer = SummaryWriter(str(workdir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-
-    def scalars(self, step: int, record: Mapping[str, Any]) -> None:
-        """Appends a record to metrics.jsonl and TensorBoard."""
-        if not self.active:
-            return
-        line = json.dumps({"step": step, **record}, sort_keys=True)
-        with open(self.jsonl, "a") as f:
-            f.write(line + "\n")
-        for key, value in record.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, step)
-        self.writer.flush()
-
-    def progress(self, step: int, postfix: Mapping[str, Any]) -> None:
-        """Moves the bar to ``step`` and shows ``postfix``."""
-        if self.bar is None:
-            return
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(postfix, refresh=True)
-
-    def images(self, step: int, tag: str, rows: list[np.ndarray]) -> None:
-        """A grid: one row per image kind (each (B, H, W, 1) in [0, 1]), one column per pair."""
-        if not self.active:
-            return
-        grid = np.concatenate([np.concatenate(list(r[..., 0]), axis=1) for r in rows], axis=0)
-        self.writer.add_image(tag, np.clip(grid, 0, 1)[None], step, dataformats="CHW")
-        self.writer.flush()
-
-    def close(self) -> None:
-        """Flushes and closes writers."""
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# Signals
-# ----------------------------------------------------------------------------------------------
-
-
-class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading_is_main():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        del frame
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    @property
-    def requested(self) -> bool:
-        """True once a stop signal arrived."""
-        return self.signal is not None
-
-
-def threading_is_main() -> bool:
-    """Signal handlers can only be installed from the main thread."""
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-# ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 
@@ -522,26 +418,12 @@ def _check_tokenizer_matches(config, tok: titok.Tokenizer) -> None:
             )
 
 
-def _host_scalars(metrics_list: list[dict[str, jax.Array]]) -> dict[str, float]:
-    """Averages fetched per-step metrics (the only place the loop waits for the device).
-
-    Each key is averaged over the steps that report it (the loop flushes at the stage switch, so
-    one call normally sees one stage's keys only).
-    """
-    fetched = jax.device_get(metrics_list)
-    keys = dict.fromkeys(k for m in fetched for k in m)
-    return {k: float(np.mean([m[k] for m in fetched if k in m])) for k in keys}
+_host_scalars = loop.host_scalars  # averaged per-step metrics
 
 
 def _meta(config, step: int, stage: int, epoch: int, tok_path: str, tok: titok.Tokenizer) -> dict:
-    return {
-        "step": step,
-        "stage": stage,
-        "epoch": epoch,
-        "config": json.loads(config.to_json_best_effort()),
-        "tokenizer": {"path": tok_path, "sha256": tok.sha256},
-        "process_count": jax.process_count(),
-    }
+    tokenizer = {"path": tok_path, "sha256": tok.sha256}
+    return loop.run_meta(config, step, stage=stage, epoch=epoch, tokenizer=tokenizer)
 
 
 def train_and_evaluate(
@@ -557,9 +439,7 @@ def train_and_evaluate(
     workdir.mkdir(parents=True, exist_ok=True)
     config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
 
-    mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), devices)
-    local_batch = shd.check_batch_size(int(config.data.batch_size), mesh)
-    del local_batch
+    mesh = shd.mesh_from_config(config.mesh, int(config.data.batch_size), devices)
     image_size = int(config.data.image_size)
     if jax.default_backend() == "cpu" and config.model.dtype != "float32":
         logging.warning("compute dtype %s on CPU is slow; float32 is advised", config.model.dtype)
@@ -624,14 +504,15 @@ def train_and_evaluate(
         )
 
     fuse_init = None
-    latest = ckpt.latest_step()
-    if latest is not None:
-        meta = ckpt.read_meta(latest)
-        stage = int(meta["stage"])
-        _check_resume_compatible(meta, tok, workdir)
-        state, meta, it_state = ckpt.restore(abstract_state(stage), latest)
-        if it_state is not None:
-            it.set_state(it_state)
+    resumed = loop.restore_latest(
+        ckpt,
+        lambda meta: abstract_state(int(meta["stage"])),
+        it,
+        check_meta=lambda meta: _check_resume_compatible(meta, tok, workdir),
+    )
+    if resumed is not None:
+        state, meta = resumed
+        stage, latest = int(meta["stage"]), int(meta["step"])
         _log0(f"resuming from {ckpt.step_path(latest)} (step {latest}, stage {stage})")
     else:
         stage = 1 if stage1_steps > 0 else 2
@@ -672,36 +553,26 @@ def train_and_evaluate(
             )
         return eval_fns[s]
 
-    logger = RunLogger(workdir, total_steps, step)
+    logger = loop.RunLogger(workdir, total_steps, step)
     pending: list[dict[str, jax.Array]] = []
-    recent_names: collections.deque = collections.deque(maxlen=int(config.train.log_every_steps))
     last_metrics: dict[str, float] = {}
     log_every = int(config.train.log_every_steps)
     ckpt_every = int(config.train.checkpoint_every_steps)
     val_every = int(config.val.every_steps)
     image_every = int(config.train.image_every_steps)
-    t_last, step_last = time.perf_counter(), step
+    throughput = loop.Throughput(step)
     interrupted = False
 
     def epoch_of(s: int) -> int:
         return s // steps_per_epoch
 
-    def check_finite(at_step: int) -> None:
-        bad = int(jax.device_get(state["nonfinite_step"]))
-        if bad < 0:
-            return
-        names = dict(recent_names).get(bad)
-        last_good = ckpt.latest_step()
-        where = str(ckpt.step_path(last_good)) if last_good is not None else "none saved yet"
-        ckpt.wait()
-        raise NonFiniteError(
-            f"non-finite loss or gradient at step {bad} (stage {stage_of(bad)}, batch "
-            f"{_fmt_names(names)}); training stopped at step {at_step}; last good checkpoint: "
-            f"{where}"
-        )
-
     def stage_of(s: int) -> int:
         return 1 if s < stage1_steps else 2
+
+    watch = loop.NonFiniteWatch(log_every, context=lambda s: f"stage {stage_of(s)}, ")
+
+    def check_finite(at_step: int) -> None:
+        watch.check(state["nonfinite_step"], at_step, ckpt)
 
     def save(at_step: int) -> None:
         check_finite(at_step)
@@ -726,13 +597,11 @@ def train_and_evaluate(
         logger.images(at_step, tag, [b["vis"], b["ir"], np.asarray(jax.device_get(out))])
 
     def log_train(at_step: int) -> None:
-        nonlocal t_last, step_last, last_metrics
+        nonlocal last_metrics
         check_finite(at_step)
-        scalars = _host_scalars(pending)
+        scalars = loop.host_scalars(pending)
         pending.clear()
-        now = time.perf_counter()
-        rate = (at_step - step_last) / max(now - t_last, 1e-9)
-        t_last, step_last = now, at_step
+        rate = throughput.rate(at_step)
         last_metrics = scalars
         epoch = epoch_of(at_step - 1)
         record = {"stage": stage, "epoch": epoch, "steps_per_sec": rate}
@@ -741,7 +610,7 @@ def train_and_evaluate(
         logger.progress(at_step, {"epoch": epoch, "stage": stage, **shown})
 
     try:
-        with StopRequest() as stop:
+        with loop.StopRequest() as stop:
             while step < total_steps:
                 if stage == 1 and step >= stage1_steps:
                     if pending:  # stage-I steps since the last log line
@@ -750,8 +619,7 @@ def train_and_evaluate(
                     state = _switch(state, model, optimizer, init_key, fuse_init, rep)
                     stage = 2
                 batch = next(it)
-                names = batch.get("name")
-                recent_names.append((step, None if names is None else list(np.asarray(names))))
+                watch.record(step, batch)
                 device_batch = shd.global_batch(batch, mesh)
                 state, metrics = step_fn(stage)(state, frozen, device_batch, step_key)
                 pending.append(metrics)
@@ -770,10 +638,7 @@ def train_and_evaluate(
                     save(step)
                     ckpt.wait()
                     interrupted = True
-                    _log0(
-                        f"stopped by signal {stop.signal} at step {step}; checkpoint saved in "
-                        f"{ckpt.step_path(step)}; rerun the same command to resume"
-                    )
+                    _log0(loop.stopped_message(stop.signal, step, ckpt.step_path(step)))
                     break
             if not interrupted:
                 save(step)
@@ -901,14 +766,4 @@ def _check_resume_compatible(meta: Mapping[str, Any], tok: titok.Tokenizer, work
         )
 
 
-def _fmt_names(names: list | None) -> str:
-    if not names:
-        return "names unknown"
-    shown = [n.decode() if isinstance(n, bytes) else str(n) for n in names[:8]]
-    more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
-    return "[" + ", ".join(shown) + "]" + more
-
-
-def _log0(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
+_log0 = loop.log0
