@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from tokfusion_jax import errors
 from tokfusion_jax.bench import DESCRIPTION
+from tokfusion_jax.bench.cddfuse_rows import bench_cddfuse, bench_fuse_memory
 from tokfusion_jax.bench.fusion_rows import bench_fuse, bench_train
 from tokfusion_jax.bench.ratios import ratio_lines
 from tokfusion_jax.bench.results import Row, _fmt, environment, format_table, load_rows, write_json
@@ -56,6 +57,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, argpars
             raise errors.ConfigError(f"unknown dtype {dtype!r}; expected one of {DTYPE_NAMES}")
     if min(settings.repeats, settings.throughput_repeats, settings.min_repeats) < 1:
         raise errors.ConfigError("--repeats, --throughput_repeats and --min_repeats must be >= 1")
+    if settings.cddfuse_repeats < 1:
+        raise errors.ConfigError(f"--cddfuse_repeats={settings.cddfuse_repeats}: must be >= 1")
     if settings.warmup < 0:
         raise errors.ConfigError(f"--warmup={settings.warmup}: must be >= 0")
     return settings, args
@@ -104,6 +107,10 @@ def run_rows(settings: Settings, on_row: Callable[[list[Row]], None] | None = No
                         lambda s=stage, c=cached: [bench_train(s, c, settings, peak)],
                     )
                 )
+    if "cddfuse" in settings.rows:
+        jobs.append(("cddfuse (jax vs pytorch twin)", lambda: bench_cddfuse(settings)))
+    if "memory" in settings.rows:
+        jobs.append(("fuse memory", lambda: [bench_fuse_memory(settings)]))
     rows: list[Row] = []
     for label, job in jobs:
         print(f"[bench] {label}", flush=True)

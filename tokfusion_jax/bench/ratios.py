@@ -72,4 +72,39 @@ def ratio_lines(rows: Sequence[Row], settings: Settings) -> list[str]:
                 f"  {settings.train_variant} {settings.train_dtype} {size} stage {stage} "
                 f"batch {b}: {r:.2f}x"
             )
+    lines += cddfuse_lines(rows)
+    for row in rows:
+        if row.name.startswith("fuse memory") and row.memory_mb:
+            gb = row.memory_mb * 2**20 / 1e9
+            lines.append(f"fuse peak memory {row.size} batch 1: {gb:.1f} GB")
+    return lines
+
+
+def cddfuse_ratios(
+    rows: Sequence[Row], name: str, framework: str = "torch eager"
+) -> dict[tuple[str, int], float]:
+    """JAX over PyTorch throughput of a cddfuse row, per (size, batch) both measured."""
+    out = {}
+    for size in sorted({r.size for r in rows if r.name == name}, key=_pixels):
+        jax_tp = _throughput(rows, name, "jax", "float32", size)
+        torch_tp = _throughput(rows, name, framework, "float32", size)
+        for b in sorted(set(jax_tp) & set(torch_tp)):
+            out[(size, b)] = jax_tp[b] / torch_tp[b]
+    return out
+
+
+TORCH_LABELS = (("torch eager", "PyTorch eager"), ("torch compile", "torch.compile"))
+
+
+def cddfuse_lines(rows: Sequence[Row]) -> list[str]:
+    """`cddfuse train step JAX vs PyTorch eager: 1.62x` and the fuse line (the minimum over the
+    sizes and batches measured), each followed by the individual figures."""
+    lines = []
+    for name, label in (("cddfuse train step", "train step"), ("cddfuse fuse", "fuse")):
+        for framework, against in TORCH_LABELS:
+            ratios = cddfuse_ratios(rows, name, framework)
+            if not ratios:
+                continue
+            lines.append(f"cddfuse {label} JAX vs {against}: {min(ratios.values()):.2f}x")
+            lines += [f"  {size} batch {b}: {r:.2f}x" for (size, b), r in ratios.items()]
     return lines

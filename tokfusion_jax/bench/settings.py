@@ -30,6 +30,14 @@ class Settings:
     train_size: tuple[int, int] = (256, 256)
     train_stages: tuple[int, ...] = (1, 2)
     train_batches: tuple[int, ...] = (1,)
+    # cddfuse rows: the plain-2D model in JAX vs the PyTorch twin, each side in its own process.
+    cddfuse_fuse_sizes: tuple[tuple[int, int], ...] = ((256, 256), (480, 640))  # (H, W)
+    cddfuse_fuse_batches: tuple[int, ...] = (1,)
+    cddfuse_train_size: tuple[int, int] = (128, 128)
+    cddfuse_train_batches: tuple[int, ...] = (1, 4)
+    cddfuse_repeats: int = 5  # alternating timed calls per side
+    # memory row: peak RSS of one fuse of the paper-size model (fuse_variant tokenizer), batch 1.
+    memory_size: tuple[int, int] = (768, 576)  # (H, W)
     tiny: bool = False  # tiny tokenizer and backbone (smoke tests)
     warmup: int = 2
     repeats: int = 20  # batch-1 latency runs
@@ -61,6 +69,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "throughput_repeats": 20,
         "matmul_size": 8192,
     },
+    # The cddfuse comparison, the fuse memory row and the L-32 train steps at 256x256 (their
+    # MFU is the ratio to the FLOP bound): about 12 minutes on 2 idle cores.
+    "cddfuse": {
+        "rows": ("cddfuse", "memory", "train"),
+        "torch_compile": "off",
+        "train_stages": (1,),
+        "warmup": 1,
+        "budget_s": 20.0,
+        "min_repeats": 3,
+    },
     "tiny": {
         "variants": ("tiny",),
         "torch_variants": ("tiny",),
@@ -73,6 +91,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fuse_batches": (1, 2),
         "train_size": (32, 32),
         "train_batches": (1, 2),
+        "cddfuse_fuse_sizes": ((16, 24),),
+        "cddfuse_train_size": (16, 16),
+        "cddfuse_train_batches": (1,),
+        "cddfuse_repeats": 2,
+        "memory_size": (24, 40),
         "tiny": True,
         "warmup": 1,
         "repeats": 3,
@@ -104,7 +127,7 @@ def _strings(text: str) -> tuple[str, ...]:
     return tuple(x for x in text.split(",") if x)
 
 
-ROW_NAMES = ("encode", "torch_encode", "fuse", "train")
+ROW_NAMES = ("encode", "torch_encode", "fuse", "train", "cddfuse", "memory")
 
 DTYPE_NAMES = ("float32", "bfloat16")
 
@@ -125,6 +148,12 @@ _OVERRIDES: dict[str, Callable[[str], Any]] = {
     "train_size": lambda t: _sizes(t)[0],
     "train_stages": _ints,
     "train_batches": _ints,
+    "cddfuse_fuse_sizes": _sizes,
+    "cddfuse_fuse_batches": _ints,
+    "cddfuse_train_size": lambda t: _sizes(t)[0],
+    "cddfuse_train_batches": _ints,
+    "cddfuse_repeats": int,
+    "memory_size": lambda t: _sizes(t)[0],
     "warmup": int,
     "repeats": int,
     "throughput_repeats": int,
