@@ -37,7 +37,9 @@ from tokfusion_jax.bench.fusion_rows import (  # noqa: E402
     TrainStepProgram,
     bench_fuse,
     bench_train,
+    cddfuse_train_step_program,
     fusion_model_config,
+    plain_2d_model,
     train_step_program,
 )
 from tokfusion_jax.bench.measure import measure_jax_row, random_images  # noqa: E402
@@ -101,6 +103,7 @@ __all__ = [
     "bench_torch_encode",
     "bench_train",
     "cache_ratios",
+    "cddfuse_train_step_program",
     "compile_fn",
     "count_params",
     "device_peak_memory",
@@ -116,6 +119,7 @@ __all__ = [
     "measure_matmul_flops",
     "parse_settings",
     "peak_rss_bytes",
+    "plain_2d_model",
     "random_images",
     "ratio_lines",
     "report_from_json",

@@ -21,6 +21,7 @@ from tokfusion_jax.bench.results import Row
 from tokfusion_jax.bench.settings import Settings
 from tokfusion_jax.bench.worker import PROTOCOL
 
+PINNED_NOTE = " | pinned to CPU {}: one thread, CPU seconds per call"
 TINY_NOTE = " | tiny: the JAX side is the tiny backbone (a smoke test, not a comparison)"
 
 
@@ -102,6 +103,7 @@ def compare(work: str, size: tuple[int, int], batch: int, settings: Settings) ->
     sides = ["jax", *torch_sides(settings)]
     base = {"work": work, "height": height, "width": width, "batch": batch}
     base["tiny"] = settings.tiny
+    base["pin_cpu"] = settings.cddfuse_pin_cpu
     workers: list[Worker] = []
     rows: list[Row] = []
     try:
@@ -120,6 +122,7 @@ def compare(work: str, size: tuple[int, int], batch: int, settings: Settings) ->
                 else worker.ready["gflops"] / batch,
                 memory_source="peak RSS of its own process",
                 note=f"each side in its own process, {len(t)} alternating calls, median"
+                + (PINNED_NOTE.format(settings.cddfuse_pin_cpu) if base["pin_cpu"] >= 0 else "")
                 + (TINY_NOTE if settings.tiny else ""),
             )
             row.throughput_by_batch[batch] = batch / median

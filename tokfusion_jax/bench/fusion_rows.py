@@ -155,3 +155,53 @@ def bench_train(stage: int, cached: bool, settings: Settings, peak: PeakFlops) -
         stateful=True,
         flops=flops,
     )
+
+
+def plain_2d_model(tiny: bool = False) -> Any:
+    """The plain-2D model with CDDFuse's test-time settings (no tokens, residual = vis)."""
+    from tokfusion_jax.models.config import model_config
+    from tokfusion_jax.models.fusion import TokFusion
+
+    cfg = model_config()
+    cfg.use_tokens = False
+    cfg.residual = "vis"
+    if tiny:
+        cfg.dim, cfg.heads = 8, 2
+        cfg.enc_blocks = cfg.dec_blocks = cfg.detail_layers = cfg.fuse_detail_layers = 1
+    return TokFusion(cfg)
+
+
+def cddfuse_train_step_program(height: int, width: int, tiny: bool = False) -> TrainStepProgram:
+    """The stage-II train step of the plain-2D model with CDDFuse's phase-II loss
+    (L_fusion + 2 L_decomp: `loss.rec = 0`) on random (H, W) gray pairs, no tokens."""
+    from tokfusion_jax import optim, trainer
+    from tokfusion_jax.losses import loss_weights_config
+
+    model = plain_2d_model(tiny)
+    weights = loss_weights_config()
+    weights.rec = 0.0
+    optimizer = optim.ModuleOptimizer(optim.optim_config(), 100)
+    ctx = trainer.StepContext(
+        model=model,
+        optimizer=optimizer,
+        loss_weights=weights.to_dict(),
+        stage=2,
+        use_token_cache=False,
+        use_tokens=False,
+    )
+    jitted = jax.jit(
+        functools.partial(trainer.train_step, ctx=ctx),
+        donate_argnums=(0,),
+        compiler_options=compile_options.compiler_options(),
+    )
+    params = trainer.stage_params(model, jax.random.key(0), 2, (height, width))
+
+    def make_args(batch: int, frozen: Any = None) -> tuple[Any, ...]:
+        state = trainer.new_state(jax.tree_util.tree_map(jnp.copy, params), optimizer)
+        data = {
+            "vis": random_images(batch, height, width, 1, seed=1),  # (B, H, W, 1)
+            "ir": random_images(batch, height, width, 1, seed=2),
+        }
+        return state, None, data, jax.random.key(1)
+
+    return TrainStepProgram(jitted, make_args, params, None)

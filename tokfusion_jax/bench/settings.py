@@ -36,6 +36,9 @@ class Settings:
     cddfuse_train_size: tuple[int, int] = (128, 128)
     cddfuse_train_batches: tuple[int, ...] = (1, 4)
     cddfuse_repeats: int = 5  # alternating timed calls per side
+    # >= 0: each worker binds to that CPU (one thread) and reports CPU time per call, a
+    # load-robust measure of work for busy machines; -1: all cores, wall time (the figures).
+    cddfuse_pin_cpu: int = -1
     # memory row: peak RSS of one fuse of the paper-size model (fuse_variant tokenizer), batch 1.
     memory_size: tuple[int, int] = (768, 576)  # (H, W)
     tiny: bool = False  # tiny tokenizer and backbone (smoke tests)
@@ -153,6 +156,7 @@ _OVERRIDES: dict[str, Callable[[str], Any]] = {
     "cddfuse_train_size": lambda t: _sizes(t)[0],
     "cddfuse_train_batches": _ints,
     "cddfuse_repeats": int,
+    "cddfuse_pin_cpu": int,
     "memory_size": lambda t: _sizes(t)[0],
     "warmup": int,
     "repeats": int,

@@ -20,6 +20,7 @@ fuse program is compiled, the weights already resident). A failure prints {"erro
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -63,32 +64,19 @@ def current_peak_rss() -> int:
 # JAX side.
 
 
-def plain_2d_model(tiny: bool = False) -> Any:
-    """The plain-2D model with CDDFuse's test-time settings (no tokens, residual = vis)."""
-    from tokfusion_jax.models.config import model_config
-    from tokfusion_jax.models.fusion import TokFusion
-
-    cfg = model_config()
-    cfg.use_tokens = False
-    cfg.residual = "vis"
-    if tiny:
-        cfg.dim, cfg.heads = 8, 2
-        cfg.enc_blocks = cfg.dec_blocks = cfg.detail_layers = cfg.fuse_detail_layers = 1
-    return TokFusion(cfg)
-
-
 def jax_program(spec: dict[str, Any]) -> tuple[Callable[[], None], float, float | None]:
     """(one call, compile seconds, GFLOPs per call) of the JAX side of `spec`."""
-    import functools
-
     import jax
 
-    from tokfusion_jax import compile_options, optim, trainer
-    from tokfusion_jax.bench.fusion_rows import fusion_model_config
+    from tokfusion_jax import compile_options, trainer
+    from tokfusion_jax.bench.fusion_rows import (
+        cddfuse_train_step_program,
+        fusion_model_config,
+        plain_2d_model,
+    )
     from tokfusion_jax.bench.measure import random_images
     from tokfusion_jax.bench.timing import compile_fn
     from tokfusion_jax.bench.tokenizer_rows import _tokenizer
-    from tokfusion_jax.losses import loss_weights_config
 
     b, h, w = spec["batch"], spec["height"], spec["width"]
     vis, ir = random_images(b, h, w, 1, seed=1), random_images(b, h, w, 1, seed=2)
@@ -105,37 +93,20 @@ def jax_program(spec: dict[str, Any]) -> tuple[Callable[[], None], float, float 
         compiled = compile_fn(fuse, params, tok, vis, ir)
         call = lambda: jax.block_until_ready(compiled.executable(params, tok, vis, ir))
     else:
-        model = plain_2d_model(spec.get("tiny", False))
-        params = trainer.stage_params(model, jax.random.key(0), 2, (h, w))
         if spec["work"] == "fuse":
+            model = plain_2d_model(spec.get("tiny", False))
+            params = trainer.stage_params(model, jax.random.key(0), 2, (h, w))
             fuse = lambda p, v, i: model.fuse(p, None, None, v, i)[0]
             compiled = compile_fn(jax.jit(fuse, compiler_options=options), params, vis, ir)
             call = lambda: jax.block_until_ready(compiled.executable(params, vis, ir))
         else:
-            weights = loss_weights_config()
-            weights.rec = 0.0  # CDDFuse's phase-II loss: L_fusion + 2 L_decomp
-            optimizer = optim.ModuleOptimizer(optim.optim_config(), 100)
-            ctx = trainer.StepContext(
-                model=model,
-                optimizer=optimizer,
-                loss_weights=weights.to_dict(),
-                stage=2,
-                use_token_cache=False,
-                use_tokens=False,
-            )
-            step = jax.jit(
-                functools.partial(trainer.train_step, ctx=ctx),
-                donate_argnums=(0,),
-                compiler_options=options,
-            )
-            box = [trainer.new_state(params, optimizer)]
-            batch = {"vis": vis, "ir": ir}
-            compiled = compile_fn(step, box[0], None, batch, jax.random.key(1))
+            program = cddfuse_train_step_program(h, w, spec.get("tiny", False))
+            state, frozen, batch, rng = program.make_args(b)
+            compiled = compile_fn(program.jitted, state, frozen, batch, rng)
+            box = [state]
 
             def call() -> None:
-                box[0] = jax.block_until_ready(
-                    compiled.executable(box[0], None, batch, jax.random.key(1))[0]
-                )
+                box[0] = jax.block_until_ready(compiled.executable(box[0], frozen, batch, rng)[0])
 
     gflops = compiled.flops / 1e9 if compiled.flops else None
     return call, compiled.compile_s, gflops
@@ -225,18 +196,27 @@ def torch_program(spec: dict[str, Any]) -> tuple[Callable[[], None], float, floa
 
 
 def serve(spec: dict[str, Any]) -> None:
-    """Builds the program of `spec`, then answers run / quit requests from stdin."""
+    """Builds the program of `spec`, then answers run / quit requests from stdin.
+
+    With `"pin_cpu": n` (>= 0) the process first binds itself to CPU n, before jax or torch
+    size their thread pools from it, and reports each call's CPU time instead of its wall time:
+    one core's work per call, a figure a loaded machine barely moves.
+    """
     if spec.get("side") not in SIDES or spec.get("work") not in WORKS:
         raise ValueError(f"expected side in {SIDES} and work in {WORKS}, got {spec}")
+    pinned = spec.get("pin_cpu", -1) >= 0
+    if pinned:
+        os.sched_setaffinity(0, {spec["pin_cpu"]})
+    clock = time.process_time if pinned else time.perf_counter
     program = jax_program if spec["side"] == "jax" else torch_program
     call, compile_s, gflops = program(spec)
     say({"ready": True, "compile_s": compile_s, "gflops": gflops})
     for line in sys.stdin:
         request = line.strip()
         if request == "run":
-            start = time.perf_counter()
+            start = clock()
             call()
-            say({"s": time.perf_counter() - start})
+            say({"s": clock() - start})
         elif request == "quit":
             break
     say({"peak_rss": current_peak_rss()})
