@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokfusion_jax.errors import cli_main
+from tokfusion_jax.errors import ArgumentParser, cli_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per convertible model)."""
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="model", required=True)
     t = sub.add_parser("titok", help="TiTok tokenizer: official state_dict -> Flax tokenizer dir")
     t.add_argument(

@@ -636,15 +636,50 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         ) from None
 
 
+def _reason(e: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line, without terminal colours, cut at a sentence end."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    return text[: end + 1] if end > 0 else text[:limit] + " ..."
+
+
+def _unsafe_pickle_error(path: Path, e: BaseException) -> CheckpointError:
+    """The error for a pickle that ``weights_only`` loading refused (it would run code)."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())
+    found = re.search(r"(Unsupported global: GLOBAL \S+|unsupported GLOBAL \S+)", text)
+    what = f" ({found.group(1)})" if found else ""
+    return CheckpointError(
+        f"{path}: refused as unsafe, the pickle holds Python objects beyond tensors{what} and "
+        "loading them could run arbitrary code; torch.load(weights_only=True) loads tensors "
+        "only. If you trust the file, re-save its tensors in an isolated environment, e.g. "
+        "safetensors.torch.save_file(torch.load(FILE, weights_only=False), 'model.safetensors'), "
+        "and convert the .safetensors file"
+    )
+
+
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    import pickle
+    import zipfile
+
     import torch
 
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # zip/pickle errors of many kinds
-        msg = " ".join(str(e).split())[:200]
+    try:  # memory-mapped for the zip format (torch >= 1.6); the legacy format cannot be mapped
+        obj = torch.load(
+            str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # weights_only refused to import a class or function
+            raise _unsafe_pickle_error(path, e) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(e), re.S)
+        reason = f"weights-only unpickler: {' '.join(detail.group(1).split())}" if detail else ""
         raise CheckpointError(
-            f"{path}: cannot read torch file, truncated or corrupt ({msg})"
+            f"{path}: cannot read torch file, truncated or corrupt ({reason or _reason(e)})"
+        ) from None
+    except Exception as e:  # zip/pickle errors of many kinds
+        raise CheckpointError(
+            f"{path}: cannot read torch file, truncated or corrupt ({_reason(e)})"
         ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict) and len(obj) <= 3:

@@ -255,6 +255,44 @@ def test_cli_error_truncated_and_corrupt_files(tmp_path, capsys, tiny_state):
     assert not (tmp_path / "o").exists()
 
 
+class _RunsCode:
+    """An object whose unpickling would call a function (what weights_only must refuse)."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize("payload", ["numpy array", "callable"])
+def test_cli_unsafe_pickle_is_refused_as_unsafe_with_the_safe_route(
+    tmp_path, capsys, tiny_state, payload
+):
+    state = {k: torch.from_numpy(v) for k, v in tiny_state.items()}
+    state["extra"] = np.zeros(3) if payload == "numpy array" else _RunsCode()
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(state, path)
+    err = _cli_error(capsys, "--source", str(path), "--out", str(tmp_path / "o"))
+    assert str(path) in err and "refused as unsafe" in err and "truncated" not in err
+    assert "weights_only=True" in err and "safetensors" in err  # says how to convert it safely
+    assert "GLOBAL" in err  # names what the pickle wanted to import
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_torch_messages_end_at_a_sentence(tmp_path, capsys):
+    """A long torch explanation is never cut mid-sentence (the zip-format case)."""
+    import zipfile
+
+    path = tmp_path / "model.bin"
+    with zipfile.ZipFile(path, "w") as z:  # a zip archive that is not a torch checkpoint
+        z.writestr("data/notes.txt", "x" * 10)
+    err = _cli_error(capsys, "--source", str(path), "--out", str(tmp_path / "o"))
+    assert str(path) in err and "truncated or corrupt" in err
+    reason = err[err.index("(") + 1 : err.rindex(")")]
+    assert reason and (len(reason) < 400 or reason.endswith("."))
+    long = RuntimeError("First sentence is fine. " + "Second one is very long " * 30 + "end.")
+    cut = conv._reason(long, limit=100)
+    assert cut == "First sentence is fine."
+
+
 def test_cli_error_not_titok_unknown_variant_missing_file(tmp_path, capsys):
     other = _write(tmp_path / "resnet.safetensors", {"conv1.weight": np.zeros((4, 3, 3, 3))})
     err = _cli_error(capsys, "--source", str(other), "--out", str(tmp_path / "o"))

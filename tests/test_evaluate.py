@@ -42,6 +42,31 @@ def test_read_gray_follows_each_convention(tiny_dataset):
     assert np.abs(cd.astype(int) - pil_l).max() <= 1
 
 
+def test_vifb_scores_images_as_stored_and_tang_reads_like_matlab(tiny_dataset, tmp_path):
+    """vifb: colour visible images stay colour (the baselines become colour, scored per
+    channel against the gray infrared); tang: MATLAB rgb2gray of the colour files."""
+    path = tiny_dataset / "vis" / "a.png"
+    rgb = np.asarray(Image.open(path))
+    np.testing.assert_array_equal(evaluate.read_image(path, "vifb"), rgb)
+    want = np.floor(rgb.astype(np.float64) @ metrics.ops.MATLAB_GRAY_COEFFS + 0.5)
+    np.testing.assert_array_equal(evaluate.read_gray_u8(path, "tang"), want)
+    specs = evaluate.parse_datasets(["tiny:bundle"], [str(tiny_dataset)])
+    names = ("EN", "SF", "Qcv")
+    rows = evaluate.evaluate(
+        [evaluate.Method("max", "baseline")], specs, names=names, convention="vifb", progress=False
+    )
+    got = {r["name"]: r for r in rows}
+    for name in ("a", "c"):
+        vis = np.asarray(Image.open(tiny_dataset / "vis" / f"{name}.png"))
+        ir = np.asarray(Image.open(tiny_dataset / "ir" / f"{name}.png"))
+        fused = np.maximum(vis, ir[..., None])  # (H, W, 3)
+        want = metrics.compute(fused, ir, vis, names=names, convention="vifb")
+        for n in names:
+            assert got[name][n] == pytest.approx(want[n], rel=1e-12), (name, n)
+    assert evaluate.metric_names("paper", "tang") == ("EN", "SD", "SCD", "SF", "AG", "SSIM")
+    assert evaluate.metric_names("all", "vifb") == metrics.convention_metrics("vifb")
+
+
 def test_baselines_and_folder_method_scores(tiny_dataset, tmp_path):
     # A folder of "published" fused images: the per-pixel max, so it must score like `max`.
     fused_dir = tmp_path / "published" / "tiny"
@@ -115,7 +140,8 @@ def test_cli_writes_table_csv_json_and_fused_images(tiny_dataset, tmp_path, caps
         (["--dataset=tno"], "1 dataset(s) but 0 --root"),
         (["--dataset=nope", "--root=x"], "unknown dataset preset"),
         (["--dataset=tno", "--root=/nonexistent/tno"], "/nonexistent/tno"),
-        (["--dataset=bundle=DS", "--metrics=PSNR"], "unknown ['PSNR']"),
+        (["--dataset=bundle=DS", "--metrics=PSNRX"], "unknown metric(s) ['PSNRX']"),
+        (["--dataset=bundle=DS", "--metrics=PSNR"], "'ivif_zoo' does not define ['PSNR']"),
         (["--dataset=bundle=DS", "--method=x=/nonexistent/run"], "/nonexistent/run"),
         (["--dataset=bundle=DS", "--baselines=median"], "median"),
     ],

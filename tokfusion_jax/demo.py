@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from tokfusion_jax import paths
 from tokfusion_jax.errors import ConfigError, cli_main
 
 TABLE_METRICS = ("EN", "SD", "SF", "AG", "SCD", "SSIM", "VIF", "Qabf")
@@ -69,6 +70,10 @@ def report(
         process_count=1,
     )
     out_dir = pathlib.Path(out_dir) if out_dir else workdir / "fused"
+    paths.check_roles(
+        inputs=[("validation images", d) for d in source.dirs], outputs=[("--out", out_dir)]
+    )
+    paths.check_output_folder(out_dir, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     per_method: dict[str, list[dict[str, float]]] = {
         "TokFusion (ours)": [],
@@ -115,9 +120,9 @@ def report(
 
 @cli_main
 def _main(argv: Sequence[str]) -> None:
-    import argparse
+    from tokfusion_jax.errors import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog="python -m tokfusion_jax.demo", description=__doc__)
+    parser = ArgumentParser(prog="python -m tokfusion_jax.demo", description=__doc__)
     parser.add_argument("--workdir", required=True, help="a finished training run")
     parser.add_argument("--out", default=None, help="where to write fused PNGs")
     parser.add_argument("--max_pairs", type=int, default=0)

@@ -13,10 +13,14 @@ Datasets: `--dataset=PRESET --root=DIR` pairs (repeatable, or comma lists of equ
 presets of `tokfusion_jax.data.sources.from_preset` (tno, roadscene, msrs, m3fd, harvard_ct,
 harvard_pet, harvard_spect, bundle, manifest). A dataset may be labelled `LABEL:PRESET`.
 
-Metrics: `--metrics=EN,SD,...` or `all` (default: the paper's EN, SD, SCD, EI, SF, AG, SSIM), in
-`--convention=ivif_zoo` (default) or `cddfuse` (see `tokfusion_jax.metrics`). Sources are read as
-8-bit gray the way the convention's reference reads them (PIL 'L', or rounded BT.601 in float32);
-model outputs are min-max stretched and rounded to 8 bits, as the references save them.
+Metrics: `--metrics=EN,SD,...` or `all` (every metric of the convention; default: those of the
+paper's EN, SD, SCD, EI, SF, AG, SSIM that the convention defines), in
+`--convention=ivif_zoo|cddfuse|vifb|tang` (default ivif_zoo; see `tokfusion_jax.metrics`). Images
+are read the way the convention's reference reads them: 8-bit gray by PIL 'L' (ivif_zoo), by
+OpenCV's float32 BT.601 and rounding (cddfuse), by MATLAB's rgb2gray (tang); as stored, gray or
+colour, for vifb (scored per channel). Model outputs are min-max stretched and rounded to 8 bits,
+as the references save them; under vifb with `--color` the colour-restored output is scored, as
+it is saved.
 
 Output: the Markdown table on stdout (best per column in bold, second underlined when there are
 three or more methods); with `--out=DIR` also table.md, per_image.csv, results.json and, with
@@ -52,10 +56,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from tokfusion_jax import fuse as fuselib
-from tokfusion_jax import metrics
+from tokfusion_jax import metrics, paths
 from tokfusion_jax.data import io as imio
 from tokfusion_jax.data import sources
-from tokfusion_jax.errors import DataError, TokFusionError, cli_main
+from tokfusion_jax.errors import ArgumentParser, DataError, TokFusionError, cli_main
 
 BASELINES = ("average", "max")
 METRIC_CHUNK = 16  # largest metric batch; batches are padded to powers of two up to this
@@ -66,24 +70,50 @@ METRIC_CHUNK = 16  # largest metric batch; batches are padded to powers of two u
 # --------------------------------------------------------------------------------------------
 
 
-def read_gray_u8(ref: imio.ImageRef, convention: str = "ivif_zoo") -> np.ndarray:
-    """An image file as 8-bit gray (H, W) uint8, converted the way the convention's code does.
+_GRAY_MODES = ("L", "1", "P", "LA", "PA")
 
-    `ivif_zoo`: PIL ``convert('L')`` (fixed-point BT.601). `cddfuse`: OpenCV's float32
-    0.299 R + 0.587 G + 0.114 B, then ``np.round``. Identical for gray files.
-    """
+
+def _decode_u8(ref: imio.ImageRef, keep: bool) -> np.ndarray:
+    """An 8-bit image file as uint8: (H, W) for gray files, else (H, W, 3) RGB (alpha dropped);
+    `keep` False converts with PIL 'L' instead of returning RGB."""
     data = imio.read_bytes(ref)
     label = imio.describe(ref)
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            if im.mode in ("L", "1", "P", "LA", "PA") or convention == "ivif_zoo":
-                if im.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
-                    raise DataError(f"{label}: 16-bit or float images are not 8-bit sources")
+            if im.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
+                raise DataError(f"{label}: 16-bit or float images are not 8-bit sources")
+            if im.mode in _GRAY_MODES or not keep:
                 return np.asarray(im.convert("L"), np.uint8)
-            rgb = np.asarray(im.convert("RGB"), np.float32)
+            return np.asarray(im.convert("RGB"), np.uint8)
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{label}: not a readable image ({e})") from None
+
+
+def read_image(ref: imio.ImageRef, convention: str = "ivif_zoo") -> np.ndarray:
+    """An image file as the convention's reference sees it: uint8 (H, W), or (H, W, 3) for
+    colour files under conventions that score colour (vifb: MATLAB ``imread``, as stored)."""
+    if convention in metrics.COLOR_CONVENTIONS:
+        return _decode_u8(ref, keep=True)
+    return read_gray_u8(ref, convention)
+
+
+def read_gray_u8(ref: imio.ImageRef, convention: str = "ivif_zoo") -> np.ndarray:
+    """An image file as 8-bit gray (H, W) uint8, converted the way the convention's code does.
+
+    `ivif_zoo`: PIL ``convert('L')`` (fixed-point BT.601). `cddfuse`: OpenCV's float32
+    0.299 R + 0.587 G + 0.114 B, then ``np.round``. `tang` (and `vifb`'s gray paths): MATLAB
+    ``rgb2gray`` of uint8 (its exact coefficients in double, rounded half away from zero).
+    Identical for gray files.
+    """
+    x = _decode_u8(ref, keep=convention != "ivif_zoo")
+    if x.ndim == 2:
+        return x
+    if convention in ("tang", "vifb"):
+        c = np.asarray(metrics.ops.MATLAB_GRAY_COEFFS)
+        y = x[..., 0] * c[0] + x[..., 1] * c[1] + x[..., 2] * c[2]  # float64
+        return np.clip(np.floor(y + 0.5), 0, 255).astype(np.uint8)
+    rgb = x.astype(np.float32)
     y = rgb[..., 0] * np.float32(0.299) + rgb[..., 1] * np.float32(0.587)
     y = y + rgb[..., 2] * np.float32(0.114)
     return np.clip(np.round(y), 0, 255).astype(np.uint8)
@@ -109,7 +139,12 @@ class Method:
 
 
 def baseline_fuse(kind: str, vis: np.ndarray, ir: np.ndarray) -> np.ndarray:
-    """Average (rounded half up, (v + i + 1) // 2) or max of two uint8 gray images -> uint8."""
+    """Average (rounded half up, (v + i + 1) // 2) or max of two uint8 images -> uint8.
+
+    A gray image beside a colour one is repeated over the three channels (colour output).
+    """
+    if vis.ndim != ir.ndim:
+        vis, ir = (x if x.ndim == 3 else np.repeat(x[..., None], 3, axis=-1) for x in (vis, ir))
     if kind == "average":
         return ((vis.astype(np.uint16) + ir + 1) // 2).astype(np.uint8)
     if kind == "max":
@@ -145,10 +180,10 @@ def find_fused_file(folder: str, stem: str) -> str:
 
 
 def read_fused(folder: str, stem: str, shape: tuple[int, ...], convention: str) -> np.ndarray:
-    """A method's fused image for `stem` as 8-bit gray; its size must match the pair's."""
+    """A method's fused image for `stem` as the convention reads it; its size must match."""
     path = find_fused_file(folder, stem)
-    fused = read_gray_u8(path, convention)
-    if fused.shape != tuple(shape):
+    fused = read_image(path, convention)
+    if fused.shape[:2] != tuple(shape[:2]):
         raise DataError(
             f"{path}: fused image is {fused.shape[1]}x{fused.shape[0]}, but the pair "
             f"{stem!r} is {shape[1]}x{shape[0]} (width x height)"
@@ -218,16 +253,17 @@ class _MetricBuffer:
         self.results: dict[Any, dict[str, float]] = {}
 
     def add(self, key: Any, f: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-        if not (f.shape == a.shape == b.shape):
+        if not (f.shape[:2] == a.shape[:2] == b.shape[:2]):
             raise DataError(
                 f"{key}: fused {f.shape} and sources {a.shape}/{b.shape} differ in size"
             )
-        bucket = self.pending.setdefault(f.shape, [])
+        shapes = (f.shape, a.shape, b.shape)  # gray and colour images batch apart
+        bucket = self.pending.setdefault(shapes, [])
         bucket.append((key, f, a, b))
         if len(bucket) >= METRIC_CHUNK:
-            self._flush(f.shape)
+            self._flush(shapes)
 
-    def _flush(self, shape: tuple[int, int]) -> None:
+    def _flush(self, shape: tuple[tuple[int, ...], ...]) -> None:
         items = self.pending.pop(shape, [])
         if not items:
             return
@@ -271,19 +307,30 @@ def evaluate(
         color_from = source.color_from
         buffer = _MetricBuffer(names, convention)
         exports = [m for m in methods if m.kind == "export"]
+        if save_dir:  # saved fused images must not land in a folder this run reads
+            folders = [m for m in methods if m.kind == "folder"]
+            paths.check_roles(
+                inputs=[(f"dataset {spec.label}", d) for d in source.dirs]
+                + [(f"method {m.name}", m.folder_for(spec.label)) for m in folders],
+                outputs=[
+                    (f"fused images of {m.name}", os.path.join(save_dir, m.name, spec.label))
+                    for m in methods
+                    if m.kind != "folder"
+                ],
+            )
         sizes = []
         for rec in records:
             hv, hi = imio.image_size(rec["vis"]), imio.image_size(rec["ir"])
-            if hv != hi:
-                raise DataError(f"pair sizes differ: {rec['vis']} is {hv}, {rec['ir']} is {hi}")
-            sizes.append(hv)
+            sizes.append(
+                sources.check_pair_sizes(rec["vis"], rec["ir"], hv, hi, imio.MIN_IMAGE_SIZE)
+            )
         bar = tqdm(
             total=len(records), desc=f"evaluate {spec.label}", unit="pair", disable=not progress
         )
         for chunk in fuselib.group_same_size(sizes, batch_size):
             recs = [records[i] for i in chunk]
-            vis8 = [read_gray_u8(r["vis"], convention) for r in recs]
-            ir8 = [read_gray_u8(r["ir"], convention) for r in recs]
+            vis8 = [read_image(r["vis"], convention) for r in recs]
+            ir8 = [read_image(r["ir"], convention) for r in recs]
             loaded = None
             if exports or (save_dir and keep_color):
                 loaded = [
@@ -304,10 +351,16 @@ def evaluate(
                         m.fuse_fn,
                         np.stack([lp.vis_y for lp in loaded]),
                         np.stack([lp.ir_y for lp in loaded]),
+                        [f"{m.name} on {r['vis']} + {r['ir']}" for r in recs],
                     )
 
                     out_imgs = [fuselib.stretch_to_unit(yi) for yi in np.asarray(y)]
                     fused8 = [fuselib.to_uint8(o) for o in out_imgs]
+                    if convention in metrics.COLOR_CONVENTIONS and keep_color:
+                        fused8 = [  # scored as saved: colour restored from Cb/Cr
+                            fuselib.to_uint8(fuselib.finish_fused(o, lp.cbcr, stretch=False))
+                            for o, lp in zip(out_imgs, loaded, strict=True)
+                        ]
                 for r, f8, v8, i8 in zip(recs, fused8, vis8, ir8, strict=True):
                     buffer.add((m.name, r["name"]), f8, i8, v8)  # metrics: a = ir, b = vis
                 if save_dir and out_imgs is not None:
@@ -505,7 +558,7 @@ def _split(values: Iterable[str]) -> list[str]:
 
 
 def _table_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m tokfusion_jax.evaluate",
         description="Fusion metrics as a Table-1 style table.",
     )
@@ -514,7 +567,11 @@ def _table_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", default=[], help="NAME=WORKDIR_OR_FOLDER")
     p.add_argument("--baselines", default="average,max", help="comma list of average,max or ''")
     p.add_argument("--convention", default="ivif_zoo", choices=metrics.CONVENTIONS)
-    p.add_argument("--metrics", default=",".join(metrics.PAPER_METRICS), help="comma list or all")
+    p.add_argument(
+        "--metrics",
+        default="paper",
+        help="comma list, 'all' (the convention's) or 'paper' (the paper's that it defines)",
+    )
     p.add_argument("--out", default=None, help="folder for table.md, per_image.csv, results.json")
     p.add_argument("--save_fused", action="store_true", help="also save fused images under --out")
     p.add_argument("--color", action="store_true", help="saved images: restore Cb/Cr")
@@ -526,7 +583,7 @@ def _table_parser() -> argparse.ArgumentParser:
 
 
 def _tokenizer_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m tokfusion_jax.evaluate tokenizer",
         description="Tokenizer reconstruction study (Table 11).",
     )
@@ -544,15 +601,28 @@ def _tokenizer_parser() -> argparse.ArgumentParser:
     return p
 
 
+def metric_names(spec: str, convention: str) -> tuple[str, ...]:
+    """--metrics value -> names: 'all', 'paper' (default) or a comma list, checked against the
+    convention (an undefined name is an error naming it)."""
+    defined = metrics.convention_metrics(convention)
+    if spec == "all":
+        return defined
+    if spec == "paper":
+        return tuple(n for n in metrics.PAPER_METRICS if n in defined)
+    try:
+        return metrics.check_names(_split([spec]), convention)
+    except metrics.MetricInputError as e:
+        raise TokFusionError(f"--metrics={spec!r}: {e}") from None
+
+
 def run_table(argv: Sequence[str]) -> str:
     args = _table_parser().parse_args(list(argv))
     if args.batch_size < 1:
         raise TokFusionError(f"--batch_size={args.batch_size}: expected >= 1")
+    if args.out:
+        paths.check_output_folder(args.out, "--out")
     specs = parse_datasets(args.dataset, args.root)
-    names = metrics.METRIC_NAMES if args.metrics == "all" else tuple(_split([args.metrics]))
-    bad = [n for n in names if n not in metrics.METRIC_NAMES]
-    if bad or not names:
-        raise TokFusionError(f"--metrics: unknown {bad}; expected some of {metrics.METRIC_NAMES}")
+    names = metric_names(args.metrics, args.convention)
     methods = [Method(b, "baseline") for b in _split([args.baselines])]
     for m in methods:
         if m.name not in BASELINES:
@@ -599,6 +669,8 @@ def run_table(argv: Sequence[str]) -> str:
 def run_tokenizer(argv: Sequence[str]) -> str:
     args = _tokenizer_parser().parse_args(list(argv))
     specs = parse_datasets(args.data, [])
+    if args.out:
+        paths.check_output_folder(args.out, "--out")
     rows, domains = tokenizer_study(
         args.tokenizer,
         specs,

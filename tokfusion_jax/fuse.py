@@ -8,7 +8,9 @@ native size; the output is saved the way the reference implementations save it: 
 stretched to [0, 1] and rounded to 8 bits. When the visible image has colour (or, for medical
 pairs, the functional image does: `--color_from=ir`), its Cb/Cr are put back on the fused luma
 (`--nocolor` saves gray). Existing outputs are never overwritten without `--overwrite` (folders:
-they are skipped and counted).
+they are skipped and counted), and no output may be one of the inputs, even with `--overwrite`.
+Every pair is checked (readable, same size, at least 16 pixels a side) before the first is fused;
+a non-finite model output is never saved.
 
 Batches: same-size pairs are fused together, at most `--batch_size` (default 8) at a time, and
 only as many as fit in memory: for each image size the batch is chosen from the free memory
@@ -28,10 +30,10 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from tokfusion_jax import color, memory
+from tokfusion_jax import color, memory, paths
 from tokfusion_jax.data import io as imio
-from tokfusion_jax.data.sources import list_images, natural_key
-from tokfusion_jax.errors import DataError, TokFusionError, cli_main
+from tokfusion_jax.data.sources import check_pair_sizes, list_images, natural_key
+from tokfusion_jax.errors import ArgumentParser, DataError, NonFiniteError, TokFusionError, cli_main
 
 FuseFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (B,H,W) vis, ir in [0,1] -> (B,H,W)
 BatchPlanner = Callable[[int, int, int], int]  # (H, W, upper bound) -> batch size to use
@@ -78,10 +80,16 @@ def finish_fused(y: np.ndarray, cbcr: np.ndarray | None, stretch: bool = True) -
     return np.asarray(color.merge_y_cbcr(y[..., None], cbcr), np.float32)
 
 
-def load_pair(vis: str, ir: str, color_from: str = "vis", keep_color: bool = True) -> LoadedPair:
-    """Decodes a pair (errors name the file); sizes must agree."""
-    vis_img = imio.load_image(vis)
-    ir_img = imio.load_image(ir)
+def load_pair(
+    vis: str,
+    ir: str,
+    color_from: str = "vis",
+    keep_color: bool = True,
+    min_size: int = imio.MIN_IMAGE_SIZE,
+) -> LoadedPair:
+    """Decodes a pair (errors name the file); sizes must agree and be at least `min_size`."""
+    vis_img = imio.load_image(vis, min_size=min_size)
+    ir_img = imio.load_image(ir, min_size=min_size)
     if vis_img.shape[:2] != ir_img.shape[:2]:
         (hv, wv), (hi, wi) = vis_img.shape[:2], ir_img.shape[:2]
         raise DataError(
@@ -111,13 +119,18 @@ def group_same_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[l
 
 
 def fuse_padded(
-    fuse_fn: FuseFn, vis: np.ndarray, ir: np.ndarray, limit: int | None = None
+    fuse_fn: FuseFn,
+    vis: np.ndarray,
+    ir: np.ndarray,
+    labels: Sequence[str] | None = None,
+    limit: int | None = None,
 ) -> np.ndarray:
     """Calls `fuse_fn` on a batch padded (by repeating its last pair) to a power of two, never
     above `limit` (the planned batch size; default: no limit).
 
     (B, H, W) -> (B, H, W). Partial batches then reuse a few compiled shapes instead of one
-    compile per leftover count.
+    compile per leftover count. A non-finite output raises `NonFiniteError` naming the pair
+    (`labels`, one per pair), so that it is never saved or scored.
     """
     n = vis.shape[0]
     padded = 1 << (n - 1).bit_length()
@@ -126,7 +139,16 @@ def fuse_padded(
     if padded != n:
         vis = np.concatenate([vis, np.repeat(vis[-1:], padded - n, axis=0)])
         ir = np.concatenate([ir, np.repeat(ir[-1:], padded - n, axis=0)])
-    return np.asarray(fuse_fn(vis, ir)).reshape(vis.shape)[:n]
+    fused = np.asarray(fuse_fn(vis, ir)).reshape(vis.shape)[:n]
+    finite = np.isfinite(fused).reshape(n, -1).all(axis=1)
+    if not finite.all():
+        bad = [labels[i] if labels else f"pair {i} of the batch" for i in np.flatnonzero(~finite)]
+        more = f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
+        raise NonFiniteError(
+            f"{bad[0]}: the model's output is not finite (NaN or Inf){more}; nothing was "
+            "saved for it (check the export's weights)"
+        )
+    return fused
 
 
 def _list_images(folder: str, what: str) -> dict[str, str]:
@@ -160,25 +182,29 @@ def fuse_pairs(
     color_from: str = "vis",
     overwrite: bool = False,
     progress: bool = True,
+    min_size: int = imio.MIN_IMAGE_SIZE,
     plan_batch: BatchPlanner | None = None,
 ) -> dict[str, int]:
     """Fuses and saves `pairs`, same-size pairs batched. Returns {"fused": n, "skipped": n}.
 
-    `batch_size` bounds every batch; `plan_batch(H, W, bound)` (if given) lowers it per image
-    size, e.g. to what fits in memory (`memory_planner`). A batch that runs out of memory is
-    retried in halves; one pair that does not fit is a `DataError`.
+    Before fusing anything: no output may be an input, every pair's header must be readable,
+    its sizes equal and at least `min_size`. `batch_size` bounds every batch; `plan_batch(H, W,
+    bound)` (if given) lowers it per image size, e.g. to what fits in memory (`memory_planner`).
+    A batch that runs out of memory is retried in halves; one pair that does not fit is a
+    `DataError`.
     """
+    paths.check_roles(
+        inputs=[(f"pair {p.name}", f) for p in pairs for f in (p.vis, p.ir)],
+        outputs=[(f"output of pair {p.name}", p.out) for p in pairs],
+    )
     todo = [p for p in pairs if overwrite or not os.path.exists(p.out)]
     skipped = len(pairs) - len(todo)
     sizes = []
     for p in todo:
+        if os.path.isdir(p.out):
+            raise DataError(f"{p.out}: output of pair {p.name} is a folder")
         hw_vis, hw_ir = imio.image_size(p.vis), imio.image_size(p.ir)
-        if hw_vis != hw_ir:
-            raise DataError(
-                f"pair sizes differ: {p.vis} is {hw_vis[1]}x{hw_vis[0]}, {p.ir} is "
-                f"{hw_ir[1]}x{hw_ir[0]} (width x height)"
-            )
-        sizes.append(hw_vis)
+        sizes.append(check_pair_sizes(p.vis, p.ir, hw_vis, hw_ir, min_size))
     bar = tqdm(total=len(todo), desc="fuse", unit="pair", disable=not progress)
     for (h, w), group in group_by_size(sizes).items():
         batch = batch_size
@@ -187,11 +213,16 @@ def fuse_pairs(
         start = 0
         while start < len(group):
             chunk = group[start : start + batch]
-            loaded = [load_pair(todo[i].vis, todo[i].ir, color_from, keep_color) for i in chunk]
+            loaded = [
+                load_pair(todo[i].vis, todo[i].ir, color_from, keep_color, min_size) for i in chunk
+            ]
             vis = np.stack([lp.vis_y for lp in loaded])  # (B, H, W)
             ir = np.stack([lp.ir_y for lp in loaded])
+            labels = [f"{todo[i].vis} + {todo[i].ir}" for i in chunk]
             try:
-                fused = fuse_padded(fuse_fn, vis, ir, limit=batch)
+                fused = fuse_padded(fuse_fn, vis, ir, labels, limit=batch)
+            except TokFusionError:
+                raise
             except Exception as e:
                 if not memory.is_out_of_memory(e):
                     raise
@@ -254,9 +285,7 @@ def memory_planner(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tokfusion_jax.fuse", description=__doc__.split("\n\n")[0]
-    )
+    p = ArgumentParser(prog="python -m tokfusion_jax.fuse", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="training workdir or its export/ folder")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: as recorded)")
     p.add_argument("--vis", help="visible (or MRI) image of one pair")
@@ -305,12 +334,18 @@ def _check_args(args: argparse.Namespace) -> list[PairPaths]:
         for path in (args.vis, args.ir):
             if not os.path.isfile(path):
                 raise DataError(f"{path}: file not found")
-        if os.path.exists(args.out) and not args.overwrite:
-            raise DataError(f"{args.out}: output exists (use --overwrite to replace it)")
+        paths.check_roles([("--vis", args.vis), ("--ir", args.ir)], [("--out", args.out)])
+        if os.path.splitext(args.out)[1].lower() != ".png":
+            raise DataError(f"{args.out} (--out): fused images are saved as PNG; name a .png file")
+        paths.check_output_file(args.out, "--out", overwrite=args.overwrite)
         name = os.path.splitext(os.path.basename(args.out))[0]
         return [PairPaths(name, args.vis, args.ir, args.out)]
     if not all(folders):
         raise TokFusionError("folders need all of --vis_dir, --ir_dir and --out_dir")
+    paths.check_roles(
+        [("--vis_dir", args.vis_dir), ("--ir_dir", args.ir_dir)], [("--out_dir", args.out_dir)]
+    )
+    paths.check_output_folder(args.out_dir, "--out_dir")
     return pair_folders(args.vis_dir, args.ir_dir, args.out_dir)
 
 

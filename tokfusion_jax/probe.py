@@ -1037,13 +1037,13 @@ __all__ = [
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    from tokfusion_jax.errors import cli_main
+    from tokfusion_jax.errors import run_absl
 
     flags.DEFINE_string("workdir", None, "trained run (its export/ is loaded)")
     flags.DEFINE_string("slots", "", "comma-separated slot budgets (default: config.slots)")
     flags.DEFINE_string("out", "", "output folder (default: WORKDIR/probe)")
     config_flags.DEFINE_config_dict("config", default_config(), "probe settings")
-    app.run(cli_main(main))
+    run_absl(main)

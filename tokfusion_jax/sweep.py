@@ -9,7 +9,7 @@ returns::
     variants   (variant(...), ...)             name, row label, overrides of each variant
     eval       (dataset(...), ...)             evaluation sets; () = the base config's val set
     columns    ("EN", "SD", "SCD", "SSIM", ...)  metrics of the table
-    convention "ivif_zoo" | "cddfuse"           metric conventions (optional)
+    convention "ivif_zoo" | "cddfuse" | "vifb" | "tang"   metric conventions (optional)
     vars       ConfigDict                      free values that overrides reference as
                                                "@vars.key" (set them on the command line)
 
@@ -420,13 +420,13 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    from tokfusion_jax.errors import cli_main
+    from tokfusion_jax.errors import run_absl
 
     config_flags.DEFINE_config_file("sweep", None, "sweep definition file[:arg]", lock_config=False)
     flags.DEFINE_string("workdir", None, "sweep folder (one sub-folder per variant)")
     flags.DEFINE_multi_string("set", [], "override of the base config, e.g. data.root=DIR")
     flags.DEFINE_string("only", "", "comma-separated variant names to run (default: all)")
-    app.run(cli_main(main))
+    run_absl(main)

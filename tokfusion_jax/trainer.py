@@ -461,7 +461,7 @@ def train_and_evaluate(
     n_pairs = len(source)
     global_bs = int(config.data.batch_size)
     steps_per_epoch = int(config.train.steps_per_epoch) or n_pairs // global_bs
-    if steps_per_epoch < 1:
+    if n_pairs < global_bs:  # also with train.steps_per_epoch set: no batch would ever be full
         raise DataError(
             f"{train_root or 'the packaged samples'}: {n_pairs} pairs is fewer than one batch of "
             f"config.data.batch_size={global_bs}"

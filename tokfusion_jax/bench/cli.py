@@ -21,7 +21,7 @@ from tokfusion_jax.bench.tokenizer_rows import bench_encode, bench_torch_encode
 
 def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     """Settings from a preset plus command-line overrides (raises ConfigError on bad values)."""
-    parser = argparse.ArgumentParser(prog="python -m tokfusion_jax.bench", description=DESCRIPTION)
+    parser = errors.ArgumentParser(prog="python -m tokfusion_jax.bench", description=DESCRIPTION)
     parser.add_argument("--preset", default="cpu", help=f"one of {sorted(PRESETS)}")
     for name in _OVERRIDES:
         default = getattr(Settings(), name)

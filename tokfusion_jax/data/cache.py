@@ -25,7 +25,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -284,12 +283,7 @@ def build_cache(
 
 def _token_input(ref: imio.ImageRef, label: str, size: int, min_size: int) -> np.ndarray:
     """Tokenizer input (S, S, 3) of one image file."""
-    image = imio.load_image(ref, label)
-    h, w = image.shape[:2]
-    if min(h, w) < min_size:
-        raise DataError(
-            f"{label}: image {w}x{h} is smaller than the minimum size {min_size}x{min_size}"
-        )
+    image = imio.load_image(ref, label, min_size=min_size)
     return transforms.token_input_np(imio.to_luma(image), size)
 
 
@@ -393,9 +387,7 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    from tokfusion_jax.errors import cli_main
+    from tokfusion_jax.errors import run_absl
 
     _define_flags()
-    app.run(cli_main(main), argv=sys.argv)
+    run_absl(main)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from tokfusion_jax.data.io import MIN_IMAGE_SIZE
+
 
 def data_config() -> ml_collections.ConfigDict:
     """The data settings every training config starts from; see each key's comment."""
@@ -24,7 +26,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.keep_color = False  # also emit vis_cbcr / ir_cbcr (chroma for restoring colour)
     c.token_cache = ""  # folder built by `python -m tokfusion_jax.data.cache`; "" = no cache
     c.allow_unpaired = False  # skip (with a warning) files present in only one modality folder
-    c.min_size = 16  # smallest accepted image side in pixels
+    c.min_size = MIN_IMAGE_SIZE  # smallest accepted image side in pixels (16)
     # Augmentation, off by default (the paper uses none): random crop side (0 = off) and
     # random horizontal flip, applied identically to both images of a pair.
     c.crop_size = 0

@@ -3,34 +3,40 @@
     python -m tokfusion_jax.data.inspect --dataset=roadscene --root=data/roadscene/test
     python -m tokfusion_jax.data.inspect --dataset=bundle --root=data/msrs/test --grid=msrs.png
 
-Prints the pair count, the image sizes, pixel modes and file formats of each modality, and
-writes a PNG grid (one row per sample pair: visible/MRI image in colour, then the infrared or
-functional image) to --grid (default: <system temp dir>/tokfusion_inspect/<dataset>_<folder>.png;
-the path is printed).
+Prints the pair count, the image sizes, pixel modes and file formats of each modality after
+checking every pair (headers; float images are decoded to find NaN/Inf pixels), and with
+--grid=FILE.png writes a PNG grid of sample pairs (one row per pair: visible/MRI image in colour,
+then the infrared or functional image). Without --grid nothing is written.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
+from tokfusion_jax import paths
 from tokfusion_jax.data import io as imio
 from tokfusion_jax.data import sources
-from tokfusion_jax.errors import cli_main
+from tokfusion_jax.errors import ArgumentParser, ConfigError, cli_main
+
+# Pixel modes whose values can be NaN/Inf or out of range: decoded in full to be checked.
+_FLOAT_MODES = ("F", "I")
 
 
 def header(ref: imio.ImageRef, label: str) -> tuple[int, int, str, str]:
-    """(height, width, PIL mode, format) from the file header."""
+    """(height, width, PIL mode, format) from the file header; float images are decoded and
+    checked (`DataError` on NaN, Inf or values outside [0, 1])."""
     h, w = imio.image_size(ref, label)
     with Image.open(io.BytesIO(imio.read_bytes(ref, label))) as im:
-        return h, w, im.mode, str(im.format)
+        mode, fmt = im.mode, str(im.format)
+    if mode in _FLOAT_MODES:
+        imio.load_image(ref, label)
+    return h, w, mode, fmt
 
 
 def summarize(source: sources.PairedSource, min_size: int = 16) -> list[str]:
@@ -87,26 +93,38 @@ def sample_grid(source: sources.PairedSource, rows: int = 4, height: int = 160) 
     return np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0))) for s in strips])
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Summarise a paired image-fusion dataset.")
+    """CLI entry point: prints the summary; writes the grid only with ``--grid``."""
+    parser = ArgumentParser(
+        prog="python -m tokfusion_jax.data.inspect",
+        description="Summarise a paired image-fusion dataset.",
+    )
     parser.add_argument("--dataset", default="bundle", help=f"preset: {', '.join(sources.PRESETS)}")
     parser.add_argument("--root", default="", help="dataset folder (or manifest file)")
-    parser.add_argument("--grid", default="", help="output PNG (default: in the temp dir)")
+    parser.add_argument("--grid", default="", help="write a PNG grid of sample pairs here")
     parser.add_argument("--rows", type=int, default=4, help="pairs in the grid")
     parser.add_argument("--min_size", type=int, default=16, help="smallest accepted side")
     parser.add_argument("--allow_unpaired", action="store_true")
     args = parser.parse_args(argv)
+    if args.rows < 1:
+        raise ConfigError(f"--rows={args.rows}: expected >= 1")
     source = sources.from_preset(args.dataset, args.root, args.allow_unpaired)
+    if args.grid:  # checked before the (possibly long) summary
+        if os.path.splitext(args.grid)[1].lower() != ".png":
+            raise ConfigError(f"{args.grid} (--grid): the grid is a PNG; name a .png file")
+        images = [rec[slot] for rec in source for slot in ("vis", "ir")]
+        paths.check_roles(paths.labelled("dataset image", images), [("--grid", args.grid)])
+        paths.check_output_file(args.grid, "--grid", overwrite=True)
     for line in summarize(source, args.min_size):
         print(line)
-    folder = os.path.basename(os.path.normpath(args.root)) or args.dataset
-    grid_path = args.grid or os.path.join(
-        tempfile.gettempdir(), "tokfusion_inspect", f"{args.dataset}_{folder}.png"
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(grid_path)), exist_ok=True)
-    imio.save_png(grid_path, sample_grid(source, args.rows))
-    print(f"  sample grid ({min(args.rows, len(source))} pairs): {os.path.abspath(grid_path)}")
+    if not args.grid:
+        print("  (no sample grid written; pass --grid=FILE.png for one)")
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(args.grid)), exist_ok=True)
+    imio.save_png(args.grid, sample_grid(source, args.rows))
+    print(f"  sample grid ({min(args.rows, len(source))} pairs): {os.path.abspath(args.grid)}")
 
 
 if __name__ == "__main__":
-    cli_main(main)()
+    main()

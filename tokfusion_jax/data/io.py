@@ -2,7 +2,9 @@
 
 Every loader returns float32 in [0, 1]: (H, W) for single-channel files, (H, W, 3) for colour
 files (gray stored as RGB stays (H, W, 3); its luma equals the gray value). Alpha is dropped
-(the pixels are not composited). Problems with a file raise `DataError` naming the file.
+(the pixels are not composited). Problems with a file raise `DataError` naming the file: missing,
+empty, unreadable, corrupt, unsupported, float pixels that are NaN, Inf or outside [0, 1], and
+(with `min_size`) sides below the minimum. `save_png` refuses to write non-finite pixels.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tokfusion_jax import color
-from tokfusion_jax.errors import DataError
+from tokfusion_jax.errors import DataError, NonFiniteError
 
 PathLike = Union[str, "os.PathLike[str]"]
 ImageRef = Union[str, "os.PathLike[str]", bytes]  # a file path, or the encoded file's bytes
@@ -30,6 +32,9 @@ IGNORED_EXTENSIONS = (
 _PIL_FORMATS = {"PNG", "JPEG", "MPO", "BMP", "DIB", "TIFF"}
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+# Smallest accepted image side (config.data.min_size's default; what `fuse` and `evaluate`
+# accept): SSIM's 11x11 window must fit, rounded up to the model's size multiple of 8.
+MIN_IMAGE_SIZE = 16
 
 
 def is_image_file(name: str) -> bool:
@@ -114,6 +119,7 @@ def _to_float(im: Image.Image, label: str) -> np.ndarray:
         return (a.astype(np.float32) / 65535.0).astype(np.float32)
     if mode == "F":
         a = np.asarray(im, dtype=np.float32)
+        check_finite(a, label)
         if a.size and (a.min() < 0.0 or a.max() > 1.0):
             raise DataError(f"{label}: unsupported float image with values outside [0, 1]")
         return np.ascontiguousarray(a)
@@ -131,13 +137,36 @@ def _to_float(im: Image.Image, label: str) -> np.ndarray:
     return a.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
-def load_image(ref: ImageRef, name: str | None = None) -> np.ndarray:
+def check_finite(pixels: np.ndarray, label: str) -> None:
+    """Raises `DataError` naming `label` and the first bad pixel when `pixels` hold NaN or Inf."""
+    bad = ~np.isfinite(pixels)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0][:2])
+        raise DataError(
+            f"{label}: {int(bad.sum())} non-finite pixel value(s) (NaN or Inf), the first at "
+            f"(row, column) {where}"
+        )
+
+
+def check_image_size(hw: tuple[int, int], label: str, min_size: int) -> None:
+    """Raises `DataError` when the smaller side of an (H, W) image is below `min_size`."""
+    if min(hw) < min_size:
+        raise DataError(
+            f"{label}: image {hw[1]}x{hw[0]} is smaller than the minimum size {min_size}x{min_size}"
+        )
+
+
+def load_image(ref: ImageRef, name: str | None = None, *, min_size: int = 0) -> np.ndarray:
     """Decodes a path or encoded bytes to float32 in [0, 1]: (H, W) gray or (H, W, 3) colour.
 
     Raises `DataError` naming the file for a missing, zero-byte, corrupt, truncated or
-    unsupported image.
+    unsupported image, for non-finite or out-of-range float pixels and for a side shorter than
+    `min_size`.
     """
-    return decode_image(read_bytes(ref, name), describe(ref, name))
+    label = describe(ref, name)
+    image = decode_image(read_bytes(ref, name), label)
+    check_image_size(image.shape[:2], label, min_size)
+    return image
 
 
 def decode_image(data: bytes, label: str) -> np.ndarray:
@@ -212,12 +241,24 @@ def to_luma(image: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: PathLike, image: np.ndarray) -> None:
-    """Writes float [0, 1] (H, W), (H, W, 1) or (H, W, 3) as an 8-bit PNG, atomically."""
+    """Writes float [0, 1] (H, W), (H, W, 1) or (H, W, 3) as an 8-bit PNG, atomically.
+
+    Non-finite pixels are never written: `NonFiniteError` naming the file, nothing touched.
+    """
     a = np.asarray(image, np.float32)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
-    u8 = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
     path = os.fspath(path)
+    bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+    if bad:
+        raise NonFiniteError(
+            f"{path}: not written, the image has {bad} non-finite value(s) (NaN or Inf)"
+        )
+    u8 = np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
     tmp = f"{path}.tmp-{os.getpid()}"
-    Image.fromarray(u8).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(u8).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)

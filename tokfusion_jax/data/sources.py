@@ -183,11 +183,7 @@ def check_pair_sizes(
             f"{vis_hw[1]}x{vis_hw[0]}, {imio.describe(ir, name and name + ' (ir)')} is "
             f"{ir_hw[1]}x{ir_hw[0]} (width x height)"
         )
-    if min(vis_hw) < min_size:
-        raise DataError(
-            f"{imio.describe(vis, name)}: image {vis_hw[1]}x{vis_hw[0]} is smaller than the "
-            f"minimum size {min_size}x{min_size}"
-        )
+    imio.check_image_size(vis_hw, imio.describe(vis, name), min_size)
     return vis_hw
 
 

@@ -226,9 +226,12 @@ def data_source(preset: str, split: str, data_dir: str) -> TfdsPairSource:
 
 def main(argv: list[str] | None = None) -> None:
     """python -m tokfusion_jax.data.tfds_builders --dataset=msrs --manual_dir=D --data_dir=OUT"""
-    import argparse
+    from tokfusion_jax.errors import ArgumentParser
 
-    parser = argparse.ArgumentParser(description="Build a TFDS array_record dataset.")
+    parser = ArgumentParser(
+        prog="python -m tokfusion_jax.data.tfds_builders",
+        description="Build a TFDS array_record dataset.",
+    )
     parser.add_argument("--dataset", required=True, choices=sorted(BUILDERS))
     parser.add_argument("--manual_dir", required=True, help="the dataset as it ships")
     parser.add_argument("--data_dir", required=True, help="TFDS data directory to write")

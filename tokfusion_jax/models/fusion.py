@@ -529,47 +529,26 @@ def summary(cfg_model: Mapping[str, Any] | ml_collections.ConfigDict) -> str:
     return "\n".join(lines)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing; a missing or broken --config file becomes `error: ...` and exit 2."""
-    import sys
-
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-        detail = " ".join(str(e).split())
-        print(f"error: invalid --config: {detail}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 def _main(argv: list[str]) -> None:
+    """``python -m tokfusion_jax.models.fusion [--config=FILE[:ARG]]``: the parameter table."""
     from absl import flags
 
-    from tokfusion_jax.errors import cli_main
-
-    @cli_main
-    def run() -> None:
-        if len(argv) > 1:
-            raise ConfigError(f"unexpected positional arguments: {' '.join(argv[1:])}")
-        config = flags.FLAGS.config
-        if config is None:
-            cfg_model = model_config()
-        else:
-            try:
-                cfg_model = config.model
-            except OSError as e:  # config_flags defers load errors to the first access
-                raise ConfigError(f"--config: {' '.join(str(e).split())}") from e
-            except AttributeError as e:
-                raise ConfigError("--config: get_config() has no 'model' section") from e
-        print(summary(cfg_model))
-
-    run()
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected positional arguments: {' '.join(argv[1:])}")
+    config = flags.FLAGS.config
+    if config is None:
+        cfg_model = model_config()
+    elif "model" not in config:
+        raise ConfigError("--config: get_config() has no 'model' section")
+    else:
+        cfg_model = config.model
+    print(summary(cfg_model))
 
 
 if __name__ == "__main__":
-    from absl import app
     from ml_collections import config_flags
 
+    from tokfusion_jax.errors import run_absl
+
     config_flags.DEFINE_config_file("config", None, "Config file whose get_config().model is used.")
-    app.run(_main, flags_parser=_parse_flags)
+    run_absl(_main)

@@ -1,0 +1,1 @@
+"""Independent float64 NumPy references of the metric conventions (tests and benchmarks)."""
