@@ -69,7 +69,7 @@ def test_out_of_memory_recognised():
     assert not memory.is_out_of_memory(ValueError("shapes (2, 3) and (4,) differ"))
 
 
-def _pairs(tmp_path, n: int, hw=(12, 16)) -> list[fuse.PairPaths]:
+def _pairs(tmp_path, n: int, hw=(16, 20)) -> list[fuse.PairPaths]:
     rng = np.random.default_rng(0)
     pairs = []
     for k in range(n):
@@ -109,12 +109,12 @@ def test_fuse_pairs_halves_the_batch_on_an_allocation_failure(tmp_path):
     assert calls == [8, 4, 2, 2, 2, 1]
     for p in pairs:
         out = np.asarray(Image.open(p.out))
-        assert out.shape == (12, 16) and out.max() == 255  # min-max stretched
+        assert out.shape == (16, 20) and out.max() == 255  # min-max stretched
 
 
 def test_fuse_pairs_one_pair_out_of_memory_is_a_data_error(tmp_path):
     pairs = _pairs(tmp_path, 2)
-    with pytest.raises(DataError, match=r"p0\.png: out of memory fusing one 16x12 pair"):
+    with pytest.raises(DataError, match=r"p0\.png: out of memory fusing one 20x16 pair"):
         fuse.fuse_pairs(_mean_fuse([], fail_above=0), pairs, batch_size=4, progress=False)
     assert not (tmp_path / "out").exists()  # nothing half-written
 
@@ -131,6 +131,6 @@ def test_memory_planner_lowers_the_batch_to_what_fits(tmp_path, capsys):
     plan = fuse.memory_planner(memory_model, free_bytes=lambda: int(3.5 * GIB / 0.7))
     calls: list[int] = []
     fuse.fuse_pairs(_mean_fuse(calls, 99), pairs, batch_size=8, progress=False, plan_batch=plan)
-    assert asked == [(12, 16)]  # one plan per image size
+    assert asked == [(16, 20)]  # one plan per image size
     assert calls == [2, 2, 1]  # 3.5 GiB of budget: base 1 + 2 pairs
-    assert "16x12 pairs in batches of 2 (not 5)" in capsys.readouterr().err
+    assert "20x16 pairs in batches of 2 (not 5)" in capsys.readouterr().err
