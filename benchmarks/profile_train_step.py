@@ -2,9 +2,11 @@
 
     python benchmarks/profile_train_step.py --size=128x128 --stage=1            # cached tokens
     python benchmarks/profile_train_step.py --size=64x64 --stage=2 --tokenizer  # L-32 in the step
+    python benchmarks/profile_train_step.py --size=128x128 --cddfuse            # plain 2D, stage II
 
 Compiles the same train step as `python -m tokfusion_jax.bench` (`bench.train_step_program`:
-L-32 setting, random weights, batch 1), times and traces `--steps` steps, and reads the
+L-32 setting, random weights, batch 1; with `--cddfuse` the plain-2D stage-II step of the
+`cddfuse` rows, `bench.cddfuse_train_step_program`), times and traces `--steps` steps, and reads the
 Perfetto trace that `jax.profiler` writes. Each executed HLO op is mapped back to the JAX
 source op through the compiled module's metadata (`op_name`), then summed:
 
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage", type=int, default=1, choices=(1, 2))
     parser.add_argument("--tokenizer", action="store_true", help="tokenizer inside the step")
     parser.add_argument("--variant", default="l32", help="tokenizer variant (l32, b64, s128)")
+    parser.add_argument(
+        "--cddfuse", action="store_true", help="the plain-2D (CDDFuse) stage-II step, no tokens"
+    )
+    parser.add_argument("--batch", type=int, default=1, help="pairs per step")
     parser.add_argument("--steps", type=int, default=2, help="steps traced")
     parser.add_argument("--top", type=int, default=30, help="module rows printed")
     parser.add_argument("--depth", type=int, default=4, help="module path levels kept")
@@ -103,10 +109,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     size = bench._sizes(args.size)[0]
 
-    program = bench.train_step_program(
-        args.variant, "float32", args.variant == "tiny", args.stage, not args.tokenizer, size
-    )
-    state, *inputs = program.make_args(1)
+    if args.cddfuse:
+        program = bench.cddfuse_train_step_program(*size, tiny=args.variant == "tiny")
+    else:
+        program = bench.train_step_program(
+            args.variant, "float32", args.variant == "tiny", args.stage, not args.tokenizer, size
+        )
+    state, *inputs = program.make_args(args.batch)
     step = program.jitted.lower(state, *inputs).compile()  # compiled once, run and inspected
     names = op_names(step.as_text())
 
@@ -138,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     op_total = sum(v for k, v in by_kind.items() if not k.startswith("while"))
 
     where = "tokenizer inside" if args.tokenizer else "cached tokens"
-    print(f"train step stage {args.stage}, {args.size}, {where}, batch 1 on {jax.devices()[0]}")
+    stage = args.stage
+    if args.cddfuse:
+        where, stage = "plain 2D (cddfuse)", 2
+    device = jax.devices()[0]
+    print(f"train step stage {stage}, {args.size}, {where}, batch {args.batch} on {device}")
     print(f"wall {wall_ms:.0f} ms per step; op time {op_total:.0f} ms (summed over threads)\n")
     print("| kind | ms | share |\n|---|---|---|")
     for kind, ms in by_kind.most_common():

@@ -1,6 +1,7 @@
 """The benchmark: hand FLOP count vs the reference figures and XLA, the harness, the CLI."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +198,29 @@ def test_profile_train_step_script_reports_kinds_and_modules(capsys):
     assert op_ms > 0  # HLO ops were found in the trace and mapped back to JAX ops
     assert "| GEMM |" in out and "| dense convolution |" in out
     assert "Encoder/" in out  # module rows
+
+
+def test_cddfuse_and_memory_rows_each_side_in_its_own_process(capsys):
+    """The cddfuse fuse row (JAX worker vs the PyTorch twin's worker, alternating) and the fuse
+    memory row, tiny sizes; the ratio lines come out in the contract's form."""
+    rows = bench.main(
+        [
+            "--preset=tiny",
+            "--rows=cddfuse,memory",
+            "--cddfuse_train_batches=",
+            "--cddfuse_repeats=2",
+            "--warmup=0",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert [(r.name, r.framework) for r in rows] == [
+        ("cddfuse fuse", "jax"),
+        ("cddfuse fuse", "torch eager"),
+        ("fuse memory tiny", "jax"),
+    ]
+    for r in rows:
+        assert r.latency_ms > 0 and r.memory_mb > 50  # a Python process with jax or torch
+    assert rows[0].gflops_per_item > 0 and rows[1].gflops_per_item is None
+    assert re.search(r"^cddfuse fuse JAX vs PyTorch eager: \d+\.\d\dx$", text, re.M)
+    assert re.search(r"^fuse peak memory 24x40 batch 1: \d+\.\d GB$", text, re.M)
+    assert "cddfuse train step" not in text  # no train batches asked

@@ -172,3 +172,19 @@ def test_evaluate_scores_an_export_method(workdir, folders, tmp_path):
     want = metrics.compute(saved, a, b, names=("EN", "SD"))
     assert rows[2]["EN"] == pytest.approx(want["EN"], rel=1e-6)
     assert rows[2]["SD"] == pytest.approx(want["SD"], rel=1e-6)
+
+
+def test_export_memory_model_and_per_shape_programs(workdir):
+    """XLA's memory analysis of the real export at batch 1 and 2 gives a growing need, and the
+    batch-2 program fuses each pair as the batch-1 program does."""
+    exp = export.load_export(workdir)
+    need = exp.memory_model(32, 32)
+    assert need is not None and need.per_item_bytes > 0 and need.need(2) > need.need(1)
+    # 32x32 float32 inputs and output alone are 3 * 4 KiB per pair.
+    assert need.per_item_bytes >= 3 * 32 * 32 * 4
+    rng = np.random.default_rng(1)
+    vis, ir = rng.random((2, 32, 32)), rng.random((2, 32, 32))
+    both = exp.fuse(vis, ir)
+    assert set(exp._executables) == {(1, 32, 32), (2, 32, 32)}  # reused, not recompiled
+    for k in range(2):
+        np.testing.assert_allclose(both[k], exp.fuse(vis[k], ir[k])[0], atol=1e-6)

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tokfusion_jax import compile_options, memory
 from tokfusion_jax.errors import CheckpointError
 from tokfusion_jax.models import titok
 from tokfusion_jax.models.fusion import TokFusion
@@ -168,6 +169,10 @@ class FusionExport:
     postprocess: str = "minmax"  # what the CLIs do to each fused image before saving it
     input_luma: str = "float"  # how the CLIs read the luma they feed to `fuse`
     source: dict[str, Any] | None = None  # provenance of converted weights
+    # (batch, H, W) -> the fuse program compiled for that shape (see `executable`).
+    _executables: dict[tuple[int, int, int], Any] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def fuse(self, vis: Any, ir: Any) -> np.ndarray:
         """Fuses gray pairs: (B, H, W, 1), (B, H, W) or (H, W) floats in [0, 1], any H, W.
@@ -178,15 +183,39 @@ class FusionExport:
         vis, ir = _as_batch(vis, "vis"), _as_batch(ir, "ir")
         if vis.shape != ir.shape:
             raise ValueError(f"vis {vis.shape} and ir {ir.shape} must have the same shape")
-        fused = _fuse_jit(
-            self.model, self.params, self.tokenizer, jnp.asarray(vis), jnp.asarray(ir)
-        )
+        program = self.executable(*vis.shape[:3])
+        fused = program(self.params, self.tokenizer, jnp.asarray(vis), jnp.asarray(ir))
         return np.clip(np.asarray(jax.device_get(fused), np.float32), 0.0, 1.0)
 
+    def executable(self, batch: int, height: int, width: int) -> Any:
+        """The fuse program compiled for `batch` gray (H, W) pairs; compiled once per shape."""
+        key = (batch, height, width)
+        if key not in self._executables:
+            pairs = jax.ShapeDtypeStruct((batch, height, width, 1), jnp.float32)
+            lowered = _fuse_program().lower(self.model, self.params, self.tokenizer, pairs, pairs)
+            self._executables[key] = lowered.compile()
+        return self._executables[key]
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _fuse_jit(model: TokFusion, params: Any, tokenizer: Any, vis: jax.Array, ir: jax.Array):
+    def memory_model(self, height: int, width: int) -> memory.MemoryModel | None:
+        """Bytes per call of fusing (H, W) pairs beyond the resident weights, as a line in the
+        batch size fitted to XLA's memory analysis at batch 1 and 2 (None where unreported)."""
+        resident = memory.tree_bytes((self.params, getattr(self.tokenizer, "params", None)))
+        needs = [
+            memory.program_need_bytes(self.executable(b, height, width), resident) for b in (1, 2)
+        ]
+        if None in needs:
+            return None
+        return memory.MemoryModel.from_two(*needs)
+
+
+def _fuse(model: TokFusion, params: Any, tokenizer: Any, vis: jax.Array, ir: jax.Array):
     return model.fuse_images(params, tokenizer, vis, ir)
+
+
+@functools.cache
+def _fuse_program() -> Any:
+    """`_fuse` jitted (model static) with the backend's compiler options, built on first use."""
+    return jax.jit(_fuse, static_argnums=(0,), compiler_options=compile_options.compiler_options())
 
 
 def _as_batch(x: Any, name: str) -> np.ndarray:

@@ -10,10 +10,16 @@ native size; the output is finished and saved as the export's source method does
 scripts do, and rounded to 8 bits; CDDFuse exports also get the luma rounded to 8 bits first, as
 its OpenCV reader gives it. When the visible image has colour (or, for medical pairs, the
 functional image does: `--color_from=ir`), its Cb/Cr are put back on the fused luma (`--nocolor`
-saves gray). Same-size pairs are fused in batches of `--batch_size`. Existing outputs are never
-overwritten without `--overwrite` (folders: they are skipped and counted), and no output may be
-one of the inputs, even with `--overwrite`. Every pair is checked (readable, same size, at least
-16 pixels a side) before the first is fused; a non-finite model output is never saved.
+saves gray). Existing outputs are never overwritten without `--overwrite` (folders: they are
+skipped and counted), and no output may be one of the inputs, even with `--overwrite`. Every pair
+is checked (readable, same size, at least 16 pixels a side) before the first is fused; a
+non-finite model output is never saved.
+
+Batches: same-size pairs are fused together, at most `--batch_size` (default 8) at a time, and
+only as many as fit in memory: for each image size the batch is chosen from the free memory
+(CPU: /proc/meminfo `MemAvailable` and the cgroup limit; GPU: the device's free bytes) and the
+need XLA's memory analysis gives for the compiled fuse at batch 1 and 2 (`tokfusion_jax.memory`).
+If a batch still runs out of memory, it is split in halves and retried, down to one pair.
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from tokfusion_jax import color, paths
+from tokfusion_jax import color, memory, paths
 from tokfusion_jax.data import io as imio
 from tokfusion_jax.data.sources import check_pair_sizes, list_images, natural_key
 from tokfusion_jax.errors import ArgumentParser, DataError, NonFiniteError, TokFusionError, cli_main
 
 FuseFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (B,H,W) vis, ir in [0,1] -> (B,H,W)
+BatchPlanner = Callable[[int, int, int], int]  # (H, W, upper bound) -> batch size to use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,21 +122,31 @@ def _rounded_luma(image: np.ndarray) -> np.ndarray:
     return gray / np.float32(255.0)
 
 
+def group_by_size(sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    """{(H, W): the indices of the images of that size}, in order of first appearance."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, hw in enumerate(sizes):
+        groups.setdefault(tuple(hw), []).append(i)
+    return groups
+
+
 def group_same_size(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
     """Indices grouped by image size, in chunks of at most `batch_size` (order kept within)."""
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, hw in enumerate(sizes):
-        by_size.setdefault(tuple(hw), []).append(i)
     chunks = []
-    for idx in by_size.values():
+    for idx in group_by_size(sizes).values():
         chunks += [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
     return chunks
 
 
 def fuse_padded(
-    fuse_fn: FuseFn, vis: np.ndarray, ir: np.ndarray, labels: Sequence[str] | None = None
+    fuse_fn: FuseFn,
+    vis: np.ndarray,
+    ir: np.ndarray,
+    labels: Sequence[str] | None = None,
+    limit: int | None = None,
 ) -> np.ndarray:
-    """Calls `fuse_fn` on a batch padded (by repeating its last pair) to a power of two.
+    """Calls `fuse_fn` on a batch padded (by repeating its last pair) to a power of two, never
+    above `limit` (the planned batch size; default: no limit).
 
     (B, H, W) -> (B, H, W). Partial batches then reuse a few compiled shapes instead of one
     compile per leftover count. A non-finite output raises `NonFiniteError` naming the pair
@@ -137,6 +154,8 @@ def fuse_padded(
     """
     n = vis.shape[0]
     padded = 1 << (n - 1).bit_length()
+    if limit is not None:
+        padded = max(n, min(padded, limit))
     if padded != n:
         vis = np.concatenate([vis, np.repeat(vis[-1:], padded - n, axis=0)])
         ir = np.concatenate([ir, np.repeat(ir[-1:], padded - n, axis=0)])
@@ -186,12 +205,16 @@ def fuse_pairs(
     stretch: bool = True,
     round_luma: bool = False,
     min_size: int = imio.MIN_IMAGE_SIZE,
+    plan_batch: BatchPlanner | None = None,
 ) -> dict[str, int]:
     """Fuses and saves `pairs`, same-size pairs batched. Returns {"fused": n, "skipped": n}.
 
     Before fusing anything: no output may be an input, every pair's header must be readable,
     its sizes equal and at least `min_size`. ``stretch`` and ``round_luma``: the test-time
-    convention (`ExportFuser`; see `load_pair` and `finish_fused`).
+    convention (`ExportFuser`; see `load_pair` and `finish_fused`). `batch_size` bounds every
+    batch; `plan_batch(H, W, bound)` (if given) lowers it per image size, e.g. to what fits in
+    memory (`memory_planner`). A batch that runs out of memory is retried in halves; one pair
+    that does not fit is a `DataError`.
     """
     paths.check_roles(
         inputs=[(f"pair {p.name}", f) for p in pairs for f in (p.vis, p.ir)],
@@ -206,30 +229,55 @@ def fuse_pairs(
         hw_vis, hw_ir = imio.image_size(p.vis), imio.image_size(p.ir)
         sizes.append(check_pair_sizes(p.vis, p.ir, hw_vis, hw_ir, min_size))
     bar = tqdm(total=len(todo), desc="fuse", unit="pair", disable=not progress)
-    for chunk in group_same_size(sizes, batch_size):
-        loaded = [
-            load_pair(todo[i].vis, todo[i].ir, color_from, keep_color, round_luma, min_size)
-            for i in chunk
-        ]
-        vis = np.stack([lp.vis_y for lp in loaded])  # (B, H, W)
-        ir = np.stack([lp.ir_y for lp in loaded])
-        fused = fuse_padded(fuse_fn, vis, ir, [f"{todo[i].vis} + {todo[i].ir}" for i in chunk])
-        for i, lp, y in zip(chunk, loaded, fused, strict=True):
-            out = todo[i].out
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            imio.save_png(out, finish_fused(y, lp.cbcr, stretch))
-        bar.update(len(chunk))
+    for (h, w), group in group_by_size(sizes).items():
+        batch = batch_size
+        if plan_batch is not None and min(batch_size, len(group)) > 1:
+            batch = plan_batch(h, w, min(batch_size, len(group)))
+        start = 0
+        while start < len(group):
+            chunk = group[start : start + batch]
+            loaded = [
+                load_pair(todo[i].vis, todo[i].ir, color_from, keep_color, round_luma, min_size)
+                for i in chunk
+            ]
+            vis = np.stack([lp.vis_y for lp in loaded])  # (B, H, W)
+            ir = np.stack([lp.ir_y for lp in loaded])
+            labels = [f"{todo[i].vis} + {todo[i].ir}" for i in chunk]
+            try:
+                fused = fuse_padded(fuse_fn, vis, ir, labels, limit=batch)
+            except TokFusionError:
+                raise
+            except Exception as e:
+                if not memory.is_out_of_memory(e):
+                    raise
+                if len(chunk) == 1:
+                    raise DataError(
+                        f"{todo[chunk[0]].vis}: out of memory fusing one {w}x{h} pair "
+                        f"({' '.join(str(e).split())[:160]})"
+                    ) from None
+                called = max(len(chunk), min(1 << (len(chunk) - 1).bit_length(), batch))
+                batch = max(1, called // 2)  # this chunk and the rest of its size, halved
+                bar.write(f"fuse: out of memory at batch {called}, retrying in batches of {batch}")
+                continue
+            for i, lp, y in zip(chunk, loaded, fused, strict=True):
+                out = todo[i].out
+                os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+                imio.save_png(out, finish_fused(y, lp.cbcr, stretch))
+            bar.update(len(chunk))
+            start += len(chunk)
     bar.close()
     return {"fused": len(todo), "skipped": skipped}
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportFuser:
-    """An export's batch fusion, (B, H, W) vis, ir -> (B, H, W), with its test-time convention."""
+    """An export's batch fusion, (B, H, W) vis, ir -> (B, H, W), with its test-time convention
+    and its memory planner (`memory_planner`; None: no planning)."""
 
     fn: FuseFn
     stretch: bool = True  # export.json "postprocess": "minmax"
     round_luma: bool = False  # export.json "input_luma": "uint8"
+    plan_batch: BatchPlanner | None = None
 
     def __call__(self, vis: np.ndarray, ir: np.ndarray) -> np.ndarray:
         return self.fn(vis, ir)
@@ -244,7 +292,33 @@ def export_fuser(workdir: str, tokenizer: str | None = None) -> ExportFuser:
     def fuse(vis: np.ndarray, ir: np.ndarray) -> np.ndarray:
         return exp.fuse(vis, ir)[..., 0]
 
-    return ExportFuser(fuse, exp.postprocess == "minmax", exp.input_luma == "uint8")
+    return ExportFuser(
+        fuse,
+        stretch=exp.postprocess == "minmax",
+        round_luma=exp.input_luma == "uint8",
+        plan_batch=memory_planner(exp.memory_model),
+    )
+
+
+def memory_planner(
+    memory_model: Callable[[int, int], memory.MemoryModel | None],
+    free_bytes: Callable[[], int | None] = memory.free_bytes,
+) -> BatchPlanner:
+    """A `BatchPlanner`: the largest batch up to the bound whose need (`memory_model(H, W)`, in
+    bytes beyond the resident weights) fits in the free memory (`memory.choose_batch`)."""
+
+    def plan(height: int, width: int, upper: int) -> int:
+        need, free = memory_model(height, width), free_bytes()
+        batch = memory.choose_batch(free, need, upper)
+        if batch < upper and need is not None and free is not None:
+            print(
+                f"fuse: {width}x{height} pairs in batches of {batch} (not {upper}): each call "
+                f"needs {need.need(batch) / memory.GIB:.2f} GiB, {free / memory.GIB:.2f} GiB free",
+                file=sys.stderr,
+            )
+        return batch
+
+    return plan
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -269,7 +343,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vis_dir", help="folder of visible images (paired with --ir_dir by stem)")
     p.add_argument("--ir_dir", help="folder of infrared images")
     p.add_argument("--out_dir", help="output folder (<stem>.png per pair)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=8,
+        help="most same-size pairs per call (default 8); lowered per image size to what fits in "
+        "the free memory, and halved on an out-of-memory error",
+    )
     p.add_argument(
         "--color",
         dest="color",
@@ -328,6 +408,7 @@ def main(argv: Iterable[str] | None = None) -> dict[str, int]:
         fuser,
         pairs,
         batch_size=args.batch_size,
+        plan_batch=fuser.plan_batch,
         keep_color=args.color,
         color_from=args.color_from,
         overwrite=args.overwrite,

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tokfusion_jax import checkpointing, loop, losses, optim
+from tokfusion_jax import checkpointing, compile_options, loop, losses, optim
 from tokfusion_jax import sharding as shd
 from tokfusion_jax.errors import CheckpointError, ConfigError, DataError
 from tokfusion_jax.models import titok
@@ -238,6 +238,7 @@ def compile_train_step(ctx: StepContext, mesh: jax.sharding.Mesh, frozen_shardin
         in_shardings=(rep, frozen_shardings, shd.batch_sharding(mesh), rep),
         out_shardings=(rep, rep),
         donate_argnums=(0,),
+        compiler_options=compile_options.compiler_options(),
     )
 
 
@@ -601,6 +602,7 @@ def train_and_evaluate(
                 functools.partial(eval_outputs, ctx=eval_ctx),
                 in_shardings=(rep, eval_frozen_shardings, rep),
                 out_shardings=rep,
+                compiler_options=compile_options.compiler_options(),
             )
         return eval_fns[s]
 
