@@ -261,7 +261,10 @@ def test_probe_config_file_and_shipped_snippets():
         cfg = configlib.load_config(root / "probe.py", arg)
         settings = probe.ProbeSettings.from_config(cfg)
         assert dict(settings.weights) == {"ei": 1.0, "ag": 1.0, "sf": 1.0, "ssim": 1.0}
-        assert cfg.select_budget in cfg.slots
+        assert cfg.select_budget == 0  # the paper's 2 when probed, else the closest budget
+        assert probe.default_select_budget(cfg.slots) == 2
+    assert probe.default_select_budget([1]) == 1  # --slots=1 works with the default
+    assert probe.default_select_budget([3, 4]) == 3 and probe.default_select_budget([1, 3]) == 1
     expected = {
         "titok_l32": (32, (12, 18)),
         "titok_b64": (64, (18, 60)),

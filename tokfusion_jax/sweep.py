@@ -16,7 +16,7 @@ returns::
 Run::
 
     python -m tokfusion_jax.sweep --sweep=configs/sweeps/slots.py --workdir=runs/sweep_slots \
-        --set=tokenizer.path=checkpoints/titok_l32 --set=data.root=data/msrs/train
+        --set=tokenizer.path=weights/titok_l32 --set=data.root=data/MSRS/train
 
 Each variant trains in ``WORKDIR/<name>`` with `trainer.train_and_evaluate` (which resumes from
 its own checkpoints), is scored on every evaluation set by the benchmark evaluator

@@ -1,7 +1,7 @@
 """Training CLI: flags and config only; the work happens in `tokfusion_jax.trainer`.
 
     python -m tokfusion_jax.train --config=configs/ivif.py --workdir=runs/ivif \
-        --config.tokenizer.path=checkpoints/titok_l32 --config.data.root=data/msrs/train
+        --config.tokenizer.path=weights/titok_l32 --config.data.root=data/MSRS/train
 
 Rerunning the same command resumes from the newest checkpoint in ``--workdir``. SIGTERM / Ctrl-C
 save a checkpoint and exit cleanly. ``--config.init_from=runs/other`` starts a new run from

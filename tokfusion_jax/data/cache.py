@@ -1,9 +1,9 @@
 """Token cache: the frozen tokenizer's tokens of every image, computed once.
 
-    python -m tokfusion_jax.data.cache --config=configs/ivif.py --out=cache/msrs_l32 \\
-        --config.tokenizer.path=checkpoints/titok_l32 --config.data.root=data/msrs/train
-    python -m tokfusion_jax.data.cache --dataset=msrs --root=data/msrs/train \\
-        --tokenizer=checkpoints/titok_l32 --out=cache/msrs_l32
+    python -m tokfusion_jax.data.cache --config=configs/ivif.py --out=data/token_cache \\
+        --config.tokenizer.path=weights/titok_l32 --config.data.root=data/MSRS/train
+    python -m tokfusion_jax.data.cache --dataset=msrs --root=data/MSRS/train \\
+        --tokenizer=weights/titok_l32 --out=data/token_cache
 
 The tokens are a pure function of (image bytes, tokenizer, preprocessing): the image's luma,
 resized (bicubic, antialiased) to the tokenizer's image size, clipped to [0, 1] and replicated
