@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokfusion_jax import errors
+from tokfusion_jax import errors, paths
 
 # ---------------------------------------------------------------------------------------------
 # Device peak FLOP/s.
@@ -1135,6 +1135,9 @@ def report_from_json(paths: Sequence[str], settings: Settings) -> tuple[list[Row
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Command-line entry point: runs the rows, prints the table and ratios, writes JSON."""
     settings, args = parse_settings(argv)
+    for flag, path in (("--json", args.json), ("--table", args.table)):
+        if path:  # checked now, not after minutes of timing
+            paths.check_output_file(path, flag, overwrite=True)
     if args.from_json:
         rows, text = report_from_json(args.from_json.split(","), settings)
         print(text)

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from tokfusion_jax import paths
 from tokfusion_jax.errors import ConfigError
 
 Array = jax.Array
@@ -1019,6 +1020,7 @@ def main(argv: Sequence[str]) -> None:
         with cfg.unlocked():
             cfg.slots = tuple(_parse_slots(f.slots))
     outdir = pathlib.Path(f.out) if f.out else pathlib.Path(f.workdir) / "probe"
+    paths.check_output_folder(outdir, "--out")
     report = probe_workdir(f.workdir, cfg, outdir=outdir, progress=True)
     print(_summary(report, outdir), flush=True)
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import ml_collections
 
-from tokfusion_jax import configlib
+from tokfusion_jax import configlib, paths
 from tokfusion_jax.configlib import apply_overrides
 from tokfusion_jax.errors import ConfigError
 from tokfusion_jax.probe import write_bytes_atomic, write_json
@@ -412,6 +412,7 @@ def main(argv: Sequence[str]) -> None:
         raise ConfigError("--workdir is required (one sub-folder per variant goes there)")
     if f.sweep is None:
         raise ConfigError("--sweep is required, e.g. --sweep=configs/sweeps/slots.py")
+    paths.check_output_folder(f.workdir, "--workdir")
     spec = flags.FLAGS["sweep"].config_filename
     path = pathlib.Path(spec.partition(":")[0]).expanduser().resolve()
     only = [x for x in (f.only or "").split(",") if x]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from absl import flags, logging
 from ml_collections import config_flags
 
+from tokfusion_jax import paths
 from tokfusion_jax.errors import ConfigError, run_absl
 
 FLAGS = flags.FLAGS
@@ -35,6 +36,7 @@ def main(argv: Sequence[str]) -> None:
         raise ConfigError("--config is required, e.g. --config=configs/ivif.py")
     if not _WORKDIR.value:
         raise ConfigError("--workdir is required, e.g. --workdir=runs/ivif")
+    paths.check_output_folder(_WORKDIR.value, "--workdir")
 
     if not FLAGS["verbosity"].present:  # keep library INFO logs (orbax) out of the console
         logging.set_verbosity(logging.WARNING)
