@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import U16, U32, U64, rounding_bound
+from tolerances import (
+    U16,
+    U32,
+    U64,
+    activation_scale,
+    attention_chain,
+    block_chain,
+    conv_chain,
+    ln_chain,
+    rounding_bound,
+)
 from twin_helpers import max_err, random_params, t64
 
 from tokfusion_jax.models import backbone as bb
@@ -18,29 +28,9 @@ from tokfusion_jax.models import backbone as bb
 H, W = 37, 53  # odd sizes: every backbone block keeps the spatial size
 DIM, HEADS = 8, 2
 
-# Rounding chains (tests/tolerances.py): how many roundings can reach one output value, a
-# length-k reduction counting k. Each module is checked twice against its float64 twin: run in
-# float64 (bound with u = 2^-53: the formulas are exact) and in float32 (u = 2^-24). The
-# magnitude is the largest value the twin computes on the way (inputs, outputs, activations).
-
-
-def conv_chain(k: int, c_in_per_group: int) -> int:
-    return k * k * c_in_per_group + 1  # the dot product, then the bias
-
-
-def ln_chain(c: int) -> int:
-    return 2 * c + 8  # mean, centre, square, mean, eps, rsqrt, scale, shift
-
-
-def attention_chain(hw: int, c_head: int) -> int:
-    return 2 * (hw + 2) + (c_head + 3) + c_head  # l2 norms and q k^T over H*W, softmax, @ v
-
-
-def block_chain(dim: int, hw: int, heads: int, hidden: int) -> int:
-    """A Restormer TransformerBlock: LN, MDTA (1x1, dw 3x3, attention, 1x1), LN, GDFN."""
-    mdta = conv_chain(1, dim) + conv_chain(3, 1) + attention_chain(hw, dim // heads)
-    gdfn = conv_chain(1, dim) + conv_chain(3, 1) + 6 + conv_chain(1, hidden)
-    return 2 * ln_chain(dim) + mdta + conv_chain(1, dim) + gdfn + 2
+# Each module is checked twice against its float64 twin: run in float64 (bound with u = 2^-53:
+# the formulas are exact) and in float32 (u = 2^-24), over the rounding chains of
+# tests/tolerances.py. The magnitude bounds the sums of |terms| the module's reductions see.
 
 
 def check_both_precisions(make, params, inputs, want, chain, magnitude):
@@ -55,7 +45,7 @@ def check_both_precisions(make, params, inputs, want, chain, magnitude):
         m64 = make(jnp.float64)
         p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), params)
         x64 = [None if a is None else jnp.asarray(np.asarray(a), jnp.float64) for a in inputs]
-        got64 = m64.apply({"params": p64}, *x64)
+        got64 = jax.jit(lambda p, *a: m64.apply({"params": p}, *a))(p64, *x64)
         assert all(g.dtype == jnp.float64 for g in jax.tree_util.tree_leaves(got64))
         err64 = max(max_err(g, w) for g, w in zip(_leaves(got64), _leaves(want), strict=True))
     err32 = max(max_err(g, w) for g, w in zip(_leaves(got32), _leaves(want), strict=True))
@@ -220,19 +210,13 @@ def test_layer_norm_matches_twin_and_computes_in_float32():
     assert max_err(got16, want) <= 2 * (2.0**-8) * magnitude
 
 
-def _magnitude(*arrays) -> float:
-    """Largest |value| among the arrays, with a factor 4 for the activations in between (the
-    twins' intermediate maps stay within 4x their inputs and outputs for these random params)."""
-    return 4.0 * max(float(np.abs(np.asarray(a)).max()) for a in arrays)
-
-
 def test_transformer_block_matches_twin():
     x = rand((2, H, W, DIM), 3)
     make = lambda dt: bb.TransformerBlock(DIM, HEADS, 2.0, dtype=dt)  # noqa: E731
     p = random_params(make(jnp.float32), x)
     want = to_nhwc(transformer_block(to_nchw(x), p, HEADS))
     chain = block_chain(DIM, H * W, HEADS, 2 * DIM)
-    check_both_precisions(make, p, [x], want, chain, _magnitude(x, want))
+    check_both_precisions(make, p, [x], want, chain, activation_scale(x, want))
 
 
 def test_base_feature_extraction_matches_twin():
@@ -245,7 +229,7 @@ def test_base_feature_extraction_matches_twin():
     attn = conv_chain(1, DIM) + conv_chain(3, 3 * DIM) + attention_chain(H * W, DIM // HEADS)
     mlp = conv_chain(1, DIM) + conv_chain(3, 2) + 6 + conv_chain(1, DIM)
     chain = 2 * ln_chain(DIM) + attn + conv_chain(1, DIM) + mlp + 2
-    check_both_precisions(make, p, [x], want, chain, _magnitude(x, want))
+    check_both_precisions(make, p, [x], want, chain, activation_scale(x, want))
 
 
 def _inverse_amplification(make, params, y, x, delta=1e-6, trials=4):
@@ -272,7 +256,7 @@ def test_detail_branch_matches_twin_and_inverts():
     want = to_nhwc(detail_branch(to_nchw(x), p, 2))
     irb = conv_chain(1, DIM // 2) + conv_chain(3, 1) + conv_chain(1, 2 * DIM) + 2
     node = conv_chain(1, DIM) + 3 * irb + 4  # shuffle 1x1, phi; rho and eta; exp, *, +
-    got = check_both_precisions(make, p, [x], want, 2 * node, _magnitude(x, want))
+    got = check_both_precisions(make, p, [x], want, 2 * node, activation_scale(x, want))
     assert max_err(got, x) > 0.1  # the map is far from the identity
     # Invertibility, to first order: a rounding error d in the inverse's input (or in its own
     # steps) moves its output by at most amp * d, amp = the inverse's condition (the shuffle
@@ -284,7 +268,8 @@ def test_detail_branch_matches_twin_and_inverts():
     with jax.enable_x64(True):  # exactness: float64 rounding only
         m64 = make(jnp.float64)
         p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), p)
-        back64 = m64.apply({"params": p64}, jnp.asarray(want), method=m64.inverse)
+        inverse64 = jax.jit(lambda p, y: m64.apply({"params": p}, y, method=m64.inverse))
+        back64 = inverse64(p64, jnp.asarray(want))
     assert max_err(back64, x) <= rounding_bound(chain, magnitude, U64, cond=amp)
     # float32 inverse(forward(x)): the same bound at u = 2^-24 (~3e-2 here, against ~1e-4
     # measured; a wrong inverse is off by O(max|x|) = O(1)).
@@ -306,7 +291,7 @@ def test_encoder_and_decoder_match_twin():
     # patch embed, one block, then the base branch (a block-sized chain) or the detail branch
     chain = conv_chain(3, 1) + 2 * block_chain(DIM, h * w, HEADS, 2 * DIM) + 200
     base, detail = check_both_precisions(
-        make_enc, pe, [img, feat], want, chain, _magnitude(img, feat, *want)
+        make_enc, pe, [img, feat], want, chain, activation_scale(img, feat, *want)
     )
     assert base.shape == detail.shape == (2, h, w, DIM)
 
@@ -318,7 +303,7 @@ def test_encoder_and_decoder_match_twin():
         res_t = None if residual is None else to_nchw(residual)
         want = to_nhwc(decoder(to_nchw(base), to_nchw(detail), res_t, pd, HEADS, 1))
         out = check_both_precisions(
-            make_dec, pd, [base, detail, residual], want, chain, _magnitude(base, detail)
+            make_dec, pd, [base, detail, residual], want, chain, activation_scale(base, detail)
         )
         assert out.shape == (2, h, w, 1) and out.dtype == jnp.float32
 

@@ -32,3 +32,48 @@ def gamma(n: int, u: float) -> float:
 def rounding_bound(chain: int, magnitude: float, u: float = U32, cond: float = 1.0) -> float:
     """Worst-case absolute error of a result `chain` roundings deep on values <= `magnitude`."""
     return gamma(chain, u) * magnitude * cond
+
+
+def activation_scale(*arrays, factor: float = 4.0) -> float:
+    """`factor` x the largest |value| among the inputs and outputs of a composite module: the
+    magnitude assumed for its intermediate values and sums of |terms|. With the fan-in-scaled
+    random parameters of `twin_helpers.random_params` the activations stay within a few times
+    the inputs and outputs; the linear-in-n chain bounds carry orders of magnitude of slack on
+    top (rounding errors add up like a random walk, ~sqrt(n), in practice)."""
+    return factor * max(float(np.abs(np.asarray(a)).max()) for a in arrays)
+
+
+ELEMENTARY_ULPS = 4  # exp, tanh, erf, rsqrt: XLA's CPU approximations are within a few ulps
+
+
+# Rounding chains of the backbone's pieces: how many roundings can reach one output value, a
+# length-k reduction counting k.
+
+
+def conv_chain(k: int, c_in_per_group: int) -> int:
+    return k * k * c_in_per_group + 1  # the dot product, then the bias
+
+
+def ln_chain(c: int) -> int:
+    return 2 * c + 8  # mean, centre, square, mean, eps, rsqrt, scale, shift
+
+
+def attention_chain(hw: int, c_head: int) -> int:
+    return 2 * (hw + 2) + (c_head + 3) + c_head  # l2 norms and q k^T over H*W, softmax, @ v
+
+
+def block_chain(dim: int, hw: int, heads: int, hidden: int) -> int:
+    """A Restormer TransformerBlock: LN, MDTA (1x1, dw 3x3, attention, 1x1), LN, GDFN."""
+    mdta = conv_chain(1, dim) + conv_chain(3, 1) + attention_chain(hw, dim // heads)
+    gdfn = conv_chain(1, dim) + conv_chain(3, 1) + 6 + conv_chain(1, hidden)
+    return 2 * ln_chain(dim) + mdta + conv_chain(1, dim) + gdfn + 2
+
+
+def fusion_chain(dim: int, heads: int, hw: int, enc_blocks: int, dec_blocks: int) -> int:
+    """The whole fusion model on given tokens: the token-to-map interface (~800 at dim 8:
+    lift, token map, 3x3 refinement, three upsampling stages with detail and merge convs), the
+    encoder's blocks, the base and detail branches and fuse layers (block-sized each), the
+    decoder's blocks and heads."""
+    interface = 1000 + 3 * 9 * 2 * dim
+    blocks = enc_blocks + dec_blocks + 4  # + base branch, base fuse, detail branch, detail fuse
+    return interface + blocks * block_chain(dim, hw, heads, 2 * dim) + 9 * dim + 100
