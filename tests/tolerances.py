@@ -15,6 +15,8 @@ up there at once); the float32 bounds check that float32 execution does not go a
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 U32 = float(np.finfo(np.float32).eps) / 2  # 2^-24, float32 unit roundoff
@@ -77,3 +79,49 @@ def fusion_chain(dim: int, heads: int, hw: int, enc_blocks: int, dec_blocks: int
     interface = 1000 + 3 * 9 * 2 * dim
     blocks = enc_blocks + dec_blocks + 4  # + base branch, base fuse, detail branch, detail fuse
     return interface + blocks * block_chain(dim, hw, heads, 2 * dim) + 9 * dim + 100
+
+
+def probable_bound(chain: int, magnitude: float, u: float = U32, lam: float = 7.0) -> float:
+    """Higham & Mary's probabilistic bound (SIAM J. Sci. Comput. 41(5), 2019, Thm. 3.1).
+
+    With independent, mean-zero rounding errors, a chain of n roundings exceeds
+    ``lam sqrt(n) u`` times `magnitude` with probability below ``2 exp(-lam^2 / 2)`` per value
+    (4.6e-11 at lam = 7). For deep networks, where the worst case (linear in n) would exceed
+    the values themselves.
+    """
+    return (math.exp(lam * math.sqrt(chain) * u + chain * u * u / (1 - u)) - 1) * magnitude
+
+
+def vit_block_chain(width: int, seq: int, heads: int, mlp_ratio: int = 4) -> int:
+    """A pre-LN ViT block: LN, qkv, q k^T, softmax, @ v, projection, LN, MLP with GELU."""
+    attention = (width + 1) + width // heads + (seq + 3) + seq + (width + 1)
+    mlp = (width + 1) + ELEMENTARY_ULPS + (mlp_ratio * width + 1)
+    return 2 * ln_chain(width) + attention + mlp + 2
+
+
+def titok_encoder_chain(cfg) -> int:
+    """TiTok's encoder on one image: patch embedding, the ViT over patches + latent tokens,
+    the final LN and the 1x1 projection to the token size, then the l2 normalisation."""
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    seq = 1 + patches + cfg.num_tokens
+    embed = 3 * cfg.patch_size**2 + 2
+    vit = cfg.enc_depth * vit_block_chain(cfg.enc_width, seq, cfg.enc_heads, cfg.mlp_ratio)
+    return embed + ln_chain(cfg.enc_width) + vit + ln_chain(cfg.enc_width) + cfg.enc_width + 1 + 40
+
+
+def titok_decoder_chain(cfg) -> int:
+    """TiTok's decoder: token embedding, the ViT over mask tokens + tokens, LN, the head; for
+    the legacy family the softmax over the pixel codebook, the soft code lookup and the VQGAN
+    pixel decoder (every level's 3x3 convs at the widest level's fan-in, with their
+    GroupNorms: an over-count)."""
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    seq = 1 + patches + cfg.num_tokens
+    vit = cfg.dec_depth * vit_block_chain(cfg.dec_width, seq, cfg.dec_heads, cfg.mlp_ratio)
+    chain = (cfg.token_size + 1) + 2 * ln_chain(cfg.dec_width) + vit + 2 * (cfg.dec_width + 1)
+    if cfg.is_legacy:
+        widest = cfg.pixel_hidden * max(cfg.pixel_channel_mult)
+        convs = len(cfg.pixel_channel_mult) * (2 * (cfg.pixel_num_res_blocks + 1) + 1) + 3
+        chain += 2 * cfg.pixel_codebook_size + 3 + convs * (9 * widest + 1 + 2 * widest + 8)
+    else:
+        chain += 9 * cfg.dec_width + 1 + 3 * cfg.patch_size**2
+    return chain
