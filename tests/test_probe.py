@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import ADAM_STEP, assert_mostly_close, probable_bound
 
 from tokfusion_jax import configlib, probe
 from tokfusion_jax.errors import ConfigError
@@ -145,7 +146,14 @@ def test_probe_is_deterministic_and_runs_on_the_mesh():
     c = probe.probe_positions(token_fn, terms_fn, batches(0), settings, num_slots=2)
     np.testing.assert_array_equal(a.probs, b.probs)
     np.testing.assert_array_equal(a.frequency, b.frequency)
-    np.testing.assert_allclose(a.probs, c.probs, rtol=1e-4, atol=1e-6)  # 8 devices vs 1
+    # 8 devices vs 1: the same steps in other programs. Adam moves each selector logit by at
+    # most ADAM_STEP * lr per step, so a probability by at most half that (softmax slope <= 1/2
+    # per logit, two logits moving); nearly all entries stay within the rounding of the
+    # objective (a small planted problem: ~100 roundings per step) carried through the steps.
+    steps, lr = settings.steps, settings.lr
+    worst = min(1.0, steps * ADAM_STEP * lr)
+    typical = steps * 2 * probable_bound(100, 4.0) + 1e-7 * steps  # float32 softmax of O(1)
+    assert_mostly_close(a.probs, c.probs, typical, worst, fraction=0.95)
     assert len(set(a.positions)) == 2
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 
 import flax.linen as nn
 import jax
@@ -15,6 +14,8 @@ from tolerances import (
     ELEMENTARY_ULPS,
     U16,
     activation_scale,
+    decided_codes,
+    nearest_codes,
     probable_bound,
     rounding_bound,
     titok_decoder_chain,
@@ -40,29 +41,12 @@ def two_implementations(chain: int, *arrays) -> float:
 
 
 def assert_same_codes_where_decided(indices, z, codebook, use_l2_norm, z_bound):
-    """The chosen codes agree wherever the float32 error of z cannot change the choice.
-
-    With l2 normalisation the choice is the largest cosine; a change of at most `z_bound` per
-    entry of z moves each cosine by at most 2 sqrt(C) z_bound / ||z||. Without it, the distance
-    ||z - c||^2 moves by at most 2 sqrt(C) z_bound (||z|| + ||c||). Tokens whose best and
-    second-best scores are closer than twice that (either side may move) are left out.
-    """
-    z = np.asarray(z, np.float64)
-    cb = np.asarray(codebook, np.float64)
-    c = z.shape[-1]
-    if use_l2_norm:
-        zn = z / np.linalg.norm(z, axis=-1, keepdims=True)
-        score = zn @ (cb / np.linalg.norm(cb, axis=-1, keepdims=True)).T
-        slack = 2 * math.sqrt(c) * z_bound / np.linalg.norm(z, axis=-1)
-    else:
-        score = -((z[..., None, :] - cb) ** 2).sum(-1)
-        cmax = np.linalg.norm(cb, axis=-1).max()
-        slack = 2 * math.sqrt(c) * z_bound * (np.linalg.norm(z, axis=-1) + cmax)
-    top2 = np.sort(score, axis=-1)[..., -2:]
-    decided = (top2[..., 1] - top2[..., 0]) > 2 * slack
-    # a quarter of the tokens is plenty: each agrees by chance with odds 1 / codebook size
+    """Chosen codes agree with the exact nearest ones wherever an error of z up to `z_bound`
+    cannot change the choice; a quarter of the tokens is plenty (each agrees by chance with
+    odds 1 / codebook size)."""
+    decided = decided_codes(z, codebook, use_l2_norm, z_bound)
     assert decided.mean() >= 0.25, decided.mean()
-    want = score.argmax(-1)
+    want = nearest_codes(z, codebook, use_l2_norm)
     np.testing.assert_array_equal(np.asarray(indices)[decided], want[decided])
 
 

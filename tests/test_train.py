@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from tolerances import ADAM_STEP, assert_mostly_close, fusion_chain, probable_bound
 
 from tokfusion_jax import checkpointing, configlib, optim, trainer
 from tokfusion_jax import sharding as shd
@@ -240,8 +241,20 @@ def test_model_init_under_eval_shape_with_a_closed_over_key():
     assert shapes(abstract) == shapes(concrete)
 
 
+def loss_rtol(steps_done: int, batch: int = 8) -> float:
+    """Relative bound on |loss(run A) - loss(run B)| for two shardings of the same steps.
+
+    Each program (other per-device batch shapes, other kernels, another reduction order) is
+    within the probabilistic float32 bound of the exact loss (tests/tolerances.py) over the
+    tiny model's rounding chain plus the loss's mean over the batch; after k updates the
+    parameters differ, to first order, by as much again per step.
+    """
+    chain = fusion_chain(8, 2, IMAGE * IMAGE, 1, 1) + batch * IMAGE * IMAGE
+    return 2 * probable_bound(chain, 4.0) * (1 + steps_done)
+
+
 def test_one_vs_eight_devices_same_losses():
-    """The sharded step on 8 devices gives the 1-device losses (within 1e-5) for 3 steps.
+    """The sharded step on 8 devices gives the 1-device losses (within rounding) for 3 steps.
 
     The batches carry their tokens (the token-cache path): the step compiles without the ViT.
     """
@@ -272,7 +285,8 @@ def test_one_vs_eight_devices_same_losses():
             state, m = step(state, None, shd.global_batch(b, mesh), jax.random.key(1))
             losses[n].append(float(m["loss"]))
         assert len(state["params"]["encoder"]) > 0
-    np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5, atol=1e-6)
+    for k, (a, b) in enumerate(zip(losses[8], losses[1], strict=True)):
+        assert abs(a - b) <= loss_rtol(k) * abs(b), (k, a, b)
     assert losses[1][0] != losses[1][2]  # the parameters did move
 
 
@@ -412,11 +426,21 @@ def test_two_processes_match_single_process(
     step_a, a = final_state_leaves(tmp_path / "single")
     step_b, b = final_state_leaves(tmp_path / "multi")
     assert step_a == step_b == 4
+    # The same per-device programs (8 x 1 pair); the all-reduce over 2 x 4 devices may sum in
+    # another order. Parameters: every entry within 4 Adam steps of each other, nearly all
+    # within the loss's rounding carried through the steps (relative to each leaf's scale).
+    lr = float(load_config("tiny").optim.lr)  # every module's schedule decays from it
+    rel = loss_rtol(4)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        if np.issubdtype(np.asarray(x).dtype, np.integer):
+            np.testing.assert_array_equal(x, y)
+            continue
+        typical = rel * (np.abs(y) + float(np.abs(y).max()))
+        assert_mostly_close(x, y, typical, worst=4 * 2 * ADAM_STEP * lr + typical.max())
     loss_a = [r["train/loss"] for r in read_metrics(tmp_path / "single") if "train/loss" in r]
     loss_b = [r["train/loss"] for r in read_metrics(tmp_path / "multi") if "train/loss" in r]
-    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
+    for k, (x, y) in enumerate(zip(loss_b, loss_a, strict=True)):
+        assert abs(x - y) <= loss_rtol(k) * abs(y), (k, x, y)
 
 
 def test_global_batch_is_split_over_all_devices():

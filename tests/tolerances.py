@@ -125,3 +125,56 @@ def titok_decoder_chain(cfg) -> int:
     else:
         chain += 9 * cfg.dec_width + 1 + 3 * cfg.patch_size**2
     return chain
+
+
+def decided_codes(z, codebook, use_l2_norm: bool, z_bound: float) -> np.ndarray:
+    """Which tokens' nearest code no error of at most `z_bound` per entry of z can change.
+
+    With l2 normalisation the choice is the largest cosine; such a change of z moves each
+    cosine by at most 2 sqrt(C) z_bound / ||z||. Without it, the distance ||z - c||^2 moves by
+    at most 2 sqrt(C) z_bound (||z|| + ||c||). A token is decided when its best and
+    second-best scores are more than twice that apart (either side may move). (B, N) bool.
+    """
+    z = np.asarray(z, np.float64)
+    cb = np.asarray(codebook, np.float64)
+    c = z.shape[-1]
+    if use_l2_norm:
+        zn = z / np.linalg.norm(z, axis=-1, keepdims=True)
+        score = zn @ (cb / np.linalg.norm(cb, axis=-1, keepdims=True)).T
+        slack = 2 * math.sqrt(c) * z_bound / np.linalg.norm(z, axis=-1)
+    else:
+        score = -((z[..., None, :] - cb) ** 2).sum(-1)
+        cmax = np.linalg.norm(cb, axis=-1).max()
+        slack = 2 * math.sqrt(c) * z_bound * (np.linalg.norm(z, axis=-1) + cmax)
+    top2 = np.sort(score, axis=-1)[..., -2:]
+    return (top2[..., 1] - top2[..., 0]) > 2 * slack
+
+
+def nearest_codes(z, codebook, use_l2_norm: bool) -> np.ndarray:
+    """The exact (float64) nearest code index of each token of z."""
+    z = np.asarray(z, np.float64)
+    cb = np.asarray(codebook, np.float64)
+    if use_l2_norm:
+        zn = z / np.linalg.norm(z, axis=-1, keepdims=True)
+        return (zn @ (cb / np.linalg.norm(cb, axis=-1, keepdims=True)).T).argmax(-1)
+    return ((z[..., None, :] - cb) ** 2).sum(-1).argmin(-1)
+
+
+ADAM_STEP = 3.2  # |Adam update| <= lr (1 - b1) / sqrt(1 - b2) = 3.16 lr at b1 = 0.9, b2 = 0.999
+
+
+def assert_mostly_close(got, want, typical, worst, fraction: float = 0.99) -> None:
+    """All of `got` within `worst` of `want`, and `fraction` of it within `typical`.
+
+    For results after optimiser steps: Adam normalises each update, so where a gradient is
+    within rounding of zero its sign (and a full lr-sized step) can differ between two equally
+    valid float32 programs. Such entries are rare; the worst case bounds them, the typical
+    bound (rounding carried through the steps) holds for the rest. A real discrepancy (a
+    missing all-reduce, a wrong batch split) moves most entries.
+    """
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    diff = np.abs(got - want)
+    typical = np.broadcast_to(np.asarray(typical, np.float64), diff.shape)
+    assert np.all(diff <= worst), float(diff.max())
+    close = float(np.mean(diff <= typical))
+    assert close >= fraction, (close, float(diff.max()))
