@@ -178,3 +178,34 @@ def assert_mostly_close(got, want, typical, worst, fraction: float = 0.99) -> No
     assert np.all(diff <= worst), float(diff.max())
     close = float(np.mean(diff <= typical))
     assert close >= fraction, (close, float(diff.max()))
+
+
+# float32 BT.601: each output is a rounded 3x3 row (coefficients stored in float32, 3 products,
+# 2 sums, the offset: 7 roundings) on values with sum |m x| + 0.5 <= 1.5. The inverse's rows sum
+# to at most 2.772 in absolute value (1 + 1.772 for B): it scales the forward's error by that
+# and adds its own 7 roundings on values <= 2.772 * 1.5. Decoding 8 bits (x * float32(1/255):
+# 2 roundings) comes first.
+BT601_FORWARD = rounding_bound(9, 1.5)
+BT601_INVERSE_GAIN = 2.772
+BT601_ROUND_TRIP = BT601_INVERSE_GAIN * BT601_FORWARD + rounding_bound(7, BT601_INVERSE_GAIN * 1.5)
+DECODE_8BIT = rounding_bound(2, 1.0)  # x * float32(1 / 255) against x / 255
+
+
+def resize_bound(scale: float, magnitude: float = 1.0) -> float:
+    """Separable antialiased bicubic resize by `scale` (> 1: downsampling) in float32: per axis
+    2 ceil(2 scale) + 1 taps (Keys' support 2, widened by the scale), each a product and a sum,
+    then the normalisation; the weights' sum of |w| is at most 1.25 (a = -0.5)."""
+    taps = 2 * math.ceil(2 * max(scale, 1.0)) + 1
+    return rounding_bound(2 * (2 * taps + 1), 1.25 * magnitude)
+
+
+# The same metric on the same 8-bit images in two programs (other batch compositions), from
+# the precision rules of tokfusion_jax.metrics: EN sums 256 float32 p log p terms (all of one
+# sign, so relative to EN itself); SD's per-pixel maps are float32 (a few roundings each) with
+# float64 sums; SSIM runs in float64 (window sums of 49-121 terms, a map of ~10 operations,
+# E[x^2] - E[x]^2 cancellation of up to 255^2 / var, var >= 1 on 8-bit images).
+METRIC_RTOL = {
+    "EN": 2 * rounding_bound(256 + ELEMENTARY_ULPS + 2, 1.0),
+    "SD": 2 * rounding_bound(ELEMENTARY_ULPS + 6, 1.0),
+    "SSIM": 2 * rounding_bound(3 * 121 + 20, 255.0**2, U64),
+}
