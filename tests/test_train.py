@@ -1,12 +1,14 @@
 """Training end to end on a tiny model: two stages, devices, resume, signals, NaN, multi-process.
 
 The runs use 32x32 synthetic pairs, an 8-channel model and a random-weight tiny tokenizer. The
-subprocess runs share a persistent XLA compilation cache so that each program compiles once.
+subprocess runs share the session's persistent XLA compilation cache (tests/conftest.py), so
+that each program compiles once in the whole test run.
 """
 
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -74,9 +76,16 @@ def token_cache(tiny_data, tiny_tokenizer, tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> pathlib.Path:
-    """One XLA cache directory shared by the subprocesses of a test worker."""
-    return tmp_path_factory.mktemp("xla_cache")
+def compile_cache(compilation_cache) -> pathlib.Path:
+    """The session's XLA cache, shared with the subprocesses (tests/conftest.py)."""
+    return compilation_cache
+
+
+# The optimiser of every run here: a step large enough for the losses to fall within a few
+# steps. Shared by all the tests that compile the cached 8-device train step (the end-to-end
+# run, 1 vs 8 devices, SIGTERM/SIGKILL/resume, one vs two processes), so that the session's
+# compilation cache compiles each of its two stages once for all of them.
+FAST_OPTIM = {"optim.lr": 2e-3, "optim.clip_norm": 0.0}
 
 
 def tiny_config(data, tok, **overrides):
@@ -106,16 +115,14 @@ def cli_args(data, tok, workdir, **overrides):
 
 
 def subprocess_env(cache, devices=8, **extra):
+    """This process's environment (its XLA flags and compilation cache) with `devices` CPUs."""
     env = dict(os.environ)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
-    # Unoptimised host code compiles faster; every run compared in a test uses the same flags.
-    env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
     env.update(extra)
     return env
 
@@ -156,8 +163,7 @@ def test_two_stage_run_end_to_end(tiny_data, tiny_tokenizer, tmp_path):
         tiny_data,
         tiny_tokenizer,
         **{
-            "optim.lr": 2e-3,
-            "optim.clip_norm": 0.0,
+            **FAST_OPTIM,
             "train.stage1_epochs": 3,
             "train.stage2_epochs": 3,
             "train.keep_checkpoints": 2,
@@ -258,7 +264,7 @@ def test_one_vs_eight_devices_same_losses():
 
     The batches carry their tokens (the token-cache path): the step compiles without the ViT.
     """
-    c = load_config("tiny")
+    c = configlib.apply_overrides(load_config("tiny"), FAST_OPTIM.items(), "test")
     model = TokFusion(c.model)
     opt = optim.ModuleOptimizer(c.optim, steps_per_epoch=2)
     ctx = trainer.StepContext(
@@ -330,6 +336,7 @@ def test_sigterm_and_sigkill_then_resume_is_bitwise_exact(
 ):
     """Uninterrupted run vs. SIGTERM (clean stop) + SIGKILL (crash) + resume: same bits."""
     overrides = {  # 4 + 4 steps
+        **FAST_OPTIM,
         "train.stage1_epochs": 2,
         "train.stage2_epochs": 2,
         "data.token_cache": token_cache,
@@ -389,6 +396,7 @@ def test_two_processes_match_single_process(
 ):
     """jax.distributed on localhost (2 x 4 CPU devices) == one process with 8 devices."""
     overrides = {
+        **FAST_OPTIM,
         "train.stage1_epochs": 1,
         "train.stage2_epochs": 1,
         "data.shuffle": False,
@@ -429,7 +437,7 @@ def test_two_processes_match_single_process(
     # The same per-device programs (8 x 1 pair); the all-reduce over 2 x 4 devices may sum in
     # another order. Parameters: every entry within 4 Adam steps of each other, nearly all
     # within the loss's rounding carried through the steps (relative to each leaf's scale).
-    lr = float(load_config("tiny").optim.lr)  # every module's schedule decays from it
+    lr = FAST_OPTIM["optim.lr"]  # every module's schedule decays from it
     rel = loss_rtol(4)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         if np.issubdtype(np.asarray(x).dtype, np.integer):
