@@ -2,7 +2,7 @@
 
     python benchmarks/data_throughput.py                     # synthetic PNG pairs, 2 workers
     python benchmarks/data_throughput.py --workers 0 1 2 4   # a table over worker counts
-    python benchmarks/data_throughput.py --root data/msrs/train --dataset msrs
+    python benchmarks/data_throughput.py --root data/MSRS/train --dataset msrs
 
 The synthetic pairs (an RGB visible PNG and a gray infrared PNG, 640x480, textured so that they
 compress like real MSRS frames) are written to a temporary folder.

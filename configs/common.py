@@ -13,7 +13,7 @@ import ml_collections
 
 from tokfusion_jax.data.config import data_config
 from tokfusion_jax.losses import loss_weights_config
-from tokfusion_jax.models.config import cddfuse_model_config, model_config
+from tokfusion_jax.models.config import cddfuse_model_config, model_config, unset_token_shape
 from tokfusion_jax.optim import optim_config
 
 # Placeholder meaning "not set": the run refuses to start until it is given.
@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer.random_tiny_image_size = 64  # image side of that random tokenizer
 
     c.model = model_config()
+    # The token shape (model.tokens.num_tokens / token_dim / input_size) comes from the tokenizer;
+    # a value set in a config or on the command line pins it (a mismatch stops the run).
+    unset_token_shape(c.model.tokens)
     # Mixed precision: bfloat16 compute, float32 parameters, losses and metrics.
     c.model.dtype = "bfloat16"
 
@@ -127,6 +130,9 @@ def shrink_to_tiny(c: ml_collections.ConfigDict, image_size: int = 32) -> None:
     c.model.detail_layers = 1
     c.model.fuse_detail_layers = 1
     c.model.coarse_size = max(image_size // 8, 4)
+    # The random tiny tokenizer is built from this shape: 32 tokens x 12 dims at image_size.
+    c.model.tokens.num_tokens = 32
+    c.model.tokens.token_dim = 12
     c.model.tokens.input_size = image_size
     c.model.dtype = "float32"
     c.data.image_size = image_size

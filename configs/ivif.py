@@ -3,8 +3,8 @@
 Run (from the repository root)::
 
     python -m tokfusion_jax.train --config=configs/ivif.py --workdir=runs/ivif \
-        --config.tokenizer.path=checkpoints/titok_l32 \
-        --config.data.root=data/msrs/train --config.data.val_root=data/roadscene/val
+        --config.tokenizer.path=weights/titok_l32 \
+        --config.data.root=data/MSRS/train --config.data.val_root=data/roadscene_val
 
 Variants by argument:
 

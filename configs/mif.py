@@ -3,7 +3,7 @@
 Run (from the repository root)::
 
     python -m tokfusion_jax.train --config=configs/mif.py --workdir=runs/mif \
-        --config.tokenizer.path=checkpoints/titok_l32 --config.data.root=data/harvard_mri_ct/test
+        --config.tokenizer.path=weights/titok_l32 --config.data.root=data/harvard_mri_ct
 
 Variants by argument: ``configs/mif.py:ct`` (default), ``:pet``, ``:spect`` pick the Harvard
 subset (train and test on the same subset, as the paper does); ``:tiny`` shrinks the model;
@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "'cddfuse[_pet|_spect]')"
         )
     c.data.dataset = _SUBSETS[subset]
-    c.data.root = common.UNSET  # e.g. data/harvard_mri_ct/test
+    c.data.root = common.UNSET  # e.g. data/harvard_mri_ct
     c.val.dataset = _SUBSETS[subset]
     # Validate on the training folder by default (the paper trains and tests on Harvard).
     c.data.val_root = c.data.get_ref("root")

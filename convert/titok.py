@@ -32,6 +32,7 @@ from convert.checkpoint_io import (
     fmt_shape,
     read_state_dict,
 )
+from tokfusion_jax import paths
 from tokfusion_jax.errors import CheckpointError, ConfigError
 from tokfusion_jax.models import titok
 from tokfusion_jax.models.titok import VIT_SIZES, TiTokConfig
@@ -604,8 +605,14 @@ def convert_titok(
     if variant is not None:
         TiTokConfig.variant(variant)  # unknown names fail before any reading
     heads_t = parse_heads(heads) if isinstance(heads, str) else heads
+    titok.check_save_path(out)  # before a download or a long read
     weights, sibling_config, provenance = resolve_source(source)
     config_file = Path(config_path) if config_path is not None else sibling_config
+    paths.check_roles(  # --out is replaced as a whole: it may not hold the source
+        inputs=[("--source", weights), ("--config", config_file or "")],
+        outputs=[],
+        replaced=[("--out", out)],
+    )
     config_json = parse_config_json(config_file) if config_file is not None else None
     if config_file is not None and config_path is None:
         log(f"using {config_file}")

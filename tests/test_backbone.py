@@ -10,13 +10,52 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import (
+    U16,
+    U32,
+    U64,
+    activation_scale,
+    attention_chain,
+    block_chain,
+    conv_chain,
+    ln_chain,
+    rounding_bound,
+)
 from twin_helpers import max_err, random_params, t64
 
 from tokfusion_jax.models import backbone as bb
 
-TOL = 1e-5
 H, W = 37, 53  # odd sizes: every backbone block keeps the spatial size
 DIM, HEADS = 8, 2
+
+# Each module is checked twice against its float64 twin: run in float64 (bound with u = 2^-53:
+# the formulas are exact) and in float32 (u = 2^-24), over the rounding chains of
+# tests/tolerances.py. The magnitude bounds the sums of |terms| the module's reductions see.
+
+
+def check_both_precisions(make, params, inputs, want, chain, magnitude):
+    """float32 and float64 runs of `make(dtype)` against the float64 twin's `want`.
+
+    `magnitude` bounds the sum of |terms| of the reductions (Higham's bound is relative to it).
+    Returns the float32 output(s).
+    """
+    m32 = make(jnp.float32)
+    got32 = jax.jit(lambda p, *a: m32.apply({"params": p}, *a))(params, *inputs)
+    with jax.enable_x64(True):
+        m64 = make(jnp.float64)
+        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), params)
+        x64 = [None if a is None else jnp.asarray(np.asarray(a), jnp.float64) for a in inputs]
+        got64 = jax.jit(lambda p, *a: m64.apply({"params": p}, *a))(p64, *x64)
+        assert all(g.dtype == jnp.float64 for g in jax.tree_util.tree_leaves(got64))
+        err64 = max(max_err(g, w) for g, w in zip(_leaves(got64), _leaves(want), strict=True))
+    err32 = max(max_err(g, w) for g, w in zip(_leaves(got32), _leaves(want), strict=True))
+    assert err64 <= rounding_bound(chain, magnitude, U64), err64
+    assert err32 <= rounding_bound(chain, magnitude, U32), err32
+    return got32
+
+
+def _leaves(tree):
+    return tree if isinstance(tree, (tuple, list)) else [tree]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -143,80 +182,130 @@ def test_conv_groups_and_reflect_padding():
         (4, "reflect", 3, False),
         (8, "zeros", 7, True),
     ):
-        m = bb.Conv2d(8, k, groups=groups, use_bias=bias, padding=padding)
-        p = random_params(m, x)
-        got = m.apply({"params": p}, x)
-        assert got.shape == (2, H, W, 8)
+        make = lambda dt, k=k, g=groups, b=bias, pad=padding: bb.Conv2d(  # noqa: E731
+            8, k, groups=g, use_bias=b, padding=pad, dtype=dt
+        )
+        p = random_params(make(jnp.float32), x)
         want = to_nhwc(conv(to_nchw(x), p, groups, padding))
-        assert max_err(got, want) <= TOL, (groups, padding, k)
+        abs_p = jax.tree_util.tree_map(np.abs, p)  # sum of |x w| + |b|: exactly the terms' size
+        magnitude = np.abs(to_nhwc(conv(to_nchw(np.abs(x)), abs_p, groups, padding))).max()
+        got = check_both_precisions(make, p, [x], want, conv_chain(k, 8 // groups), magnitude)
+        assert got.shape == (2, H, W, 8)
 
 
 def test_layer_norm_matches_twin_and_computes_in_float32():
     x = rand((2, H, W, DIM), 2, scale=3.0) + 5.0
-    m = bb.WithBiasLayerNorm()
-    p = random_params(m, x)
-    got = m.apply({"params": p}, x)
+    make = lambda dt: bb.WithBiasLayerNorm(dtype=dt)  # noqa: E731
+    p = random_params(make(jnp.float32), x)
     want = to_nhwc(layer_norm(to_nchw(x), p))
-    assert max_err(got, want) <= TOL
-    got16 = bb.WithBiasLayerNorm(dtype=jnp.bfloat16).apply({"params": p}, x.astype(jnp.bfloat16))
+    # The centring subtracts values of size max|x|; the result is divided by the std: the
+    # rounding of the statistics is amplified by max|x| / min(std) (the condition of LN).
+    std = np.asarray(x, np.float64).std(-1).min()
+    magnitude = np.abs(x).max() * np.abs(want).max() / std
+    check_both_precisions(make, p, [x], want, ln_chain(DIM), magnitude)
+    got16 = make(jnp.bfloat16).apply({"params": p}, x.astype(jnp.bfloat16))
     assert got16.dtype == jnp.bfloat16
-    assert max_err(got16, want) < 5e-2
+    # bfloat16 in and out, float32 inside: two bfloat16 roundings (the input, the output) of
+    # values of size max|x| and max|y|, propagated through the statistics as above.
+    assert max_err(got16, want) <= 2 * (2.0**-8) * magnitude
 
 
 def test_transformer_block_matches_twin():
     x = rand((2, H, W, DIM), 3)
-    m = bb.TransformerBlock(DIM, HEADS, 2.0)
-    p = random_params(m, x)
-    got = jax.jit(m.apply)({"params": p}, x)
+    make = lambda dt: bb.TransformerBlock(DIM, HEADS, 2.0, dtype=dt)  # noqa: E731
+    p = random_params(make(jnp.float32), x)
     want = to_nhwc(transformer_block(to_nchw(x), p, HEADS))
-    assert max_err(got, want) <= TOL
+    chain = block_chain(DIM, H * W, HEADS, 2 * DIM)
+    check_both_precisions(make, p, [x], want, chain, activation_scale(x, want))
 
 
 def test_base_feature_extraction_matches_twin():
     x = rand((2, H, W, DIM), 4)
-    m = bb.BaseFeatureExtraction(DIM, HEADS)
-    p = random_params(m, x)
+    make = lambda dt: bb.BaseFeatureExtraction(DIM, HEADS, dtype=dt)  # noqa: E731
+    p = random_params(make(jnp.float32), x)
     assert p["mlp"]["dwconv"]["kernel"].shape == (3, 3, 2, 2 * DIM)  # groups = dim
     assert p["attn"]["qkv2"]["kernel"].shape == (3, 3, 3 * DIM, 3 * DIM)  # dense
-    got = jax.jit(m.apply)({"params": p}, x)
     want = to_nhwc(base_branch(to_nchw(x), p, HEADS))
-    assert max_err(got, want) <= TOL
+    attn = conv_chain(1, DIM) + conv_chain(3, 3 * DIM) + attention_chain(H * W, DIM // HEADS)
+    mlp = conv_chain(1, DIM) + conv_chain(3, 2) + 6 + conv_chain(1, DIM)
+    chain = 2 * ln_chain(DIM) + attn + conv_chain(1, DIM) + mlp + 2
+    check_both_precisions(make, p, [x], want, chain, activation_scale(x, want))
+
+
+def _inverse_amplification(make, params, y, x, delta=1e-6, trials=4):
+    """How much the float64 inverse moves per unit of perturbation of its input (max norm):
+    a finite-difference estimate of the inverse's condition, measured in float64 on the exact
+    computation (not on any float32 kernel)."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        m = make(jnp.float64)
+        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), params)
+        inv = jax.jit(lambda p, v: m.apply({"params": p}, v, method=m.inverse))
+        base = np.asarray(inv(p64, jnp.asarray(y)))
+        worst = 0.0
+        for _ in range(trials):
+            d = rng.uniform(-delta, delta, y.shape)
+            worst = max(worst, max_err(inv(p64, jnp.asarray(y + d)), base) / delta)
+    return worst
 
 
 def test_detail_branch_matches_twin_and_inverts():
     x = rand((2, H, W, DIM), 5, scale=0.5)
-    m = bb.DetailFeatureExtraction(DIM, 2)
-    p = random_params(m, x)
-    apply = jax.jit(m.apply)
-    got = apply({"params": p}, x)
+    make = lambda dt: bb.DetailFeatureExtraction(DIM, 2, dtype=dt)  # noqa: E731
+    p = random_params(make(jnp.float32), x)
     want = to_nhwc(detail_branch(to_nchw(x), p, 2))
-    assert max_err(got, want) <= TOL
-    # Invertibility: the inverse of the float64 twin's output gives back the input.
-    back = jax.jit(lambda p, y: m.apply({"params": p}, y, method=m.inverse))(p, got)
+    irb = conv_chain(1, DIM // 2) + conv_chain(3, 1) + conv_chain(1, 2 * DIM) + 2
+    node = conv_chain(1, DIM) + 3 * irb + 4  # shuffle 1x1, phi; rho and eta; exp, *, +
+    got = check_both_precisions(make, p, [x], want, 2 * node, activation_scale(x, want))
     assert max_err(got, x) > 0.1  # the map is far from the identity
-    assert max_err(back, x) <= 1e-4 * max(1.0, float(np.abs(got).max()))
+    # Invertibility, to first order: a rounding error d in the inverse's input (or in its own
+    # steps) moves its output by at most amp * d, amp = the inverse's condition (the shuffle
+    # convs' W^-1, exp(-rho)), estimated in float64 on the exact computation. The chain counts
+    # the forward's roundings the inverse must undo plus its own (W^-1 costs DIM per node).
+    amp = _inverse_amplification(make, p, want, x)
+    chain = 2 * (node + DIM)
+    magnitude = max(float(np.abs(x).max()), float(np.abs(want).max()))
+    with jax.enable_x64(True):  # exactness: float64 rounding only
+        m64 = make(jnp.float64)
+        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), p)
+        inverse64 = jax.jit(lambda p, y: m64.apply({"params": p}, y, method=m64.inverse))
+        back64 = inverse64(p64, jnp.asarray(want))
+    assert max_err(back64, x) <= rounding_bound(chain, magnitude, U64, cond=amp)
+    # float32 inverse(forward(x)): the same bound at u = 2^-24 (~3e-2 here, against ~1e-4
+    # measured; a wrong inverse is off by O(max|x|) = O(1)).
+    m32 = make(jnp.float32)
+    back = jax.jit(lambda p, y: m32.apply({"params": p}, y, method=m32.inverse))(p, got)
+    assert max_err(back, x) <= rounding_bound(chain, magnitude, U32, cond=amp)
 
 
 def test_encoder_and_decoder_match_twin():
     h, w = 13, 19  # the blocks are checked at 37 x 53 above; this checks the wiring
     img = np.random.default_rng(6).uniform(0, 1, (2, h, w, 1)).astype(np.float32)
     feat = rand((2, h, w, DIM), 7, scale=0.5)
-    enc = bb.Encoder(DIM, HEADS, 2.0, blocks=1, detail_layers=1, patch_embed=True)
-    pe = random_params(enc, img, feat)
-    base, detail = jax.jit(enc.apply)({"params": pe}, img, feat)
+    make_enc = lambda dt: bb.Encoder(  # noqa: E731
+        DIM, HEADS, 2.0, blocks=1, detail_layers=1, patch_embed=True, dtype=dt
+    )
+    pe = random_params(make_enc(jnp.float32), img, feat)
     tb, td = encoder(to_nchw(img), to_nchw(feat), pe, HEADS, 1, 1)
+    want = [to_nhwc(tb), to_nhwc(td)]
+    # patch embed, one block, then the base branch (a block-sized chain) or the detail branch
+    chain = conv_chain(3, 1) + 2 * block_chain(DIM, h * w, HEADS, 2 * DIM) + 200
+    base, detail = check_both_precisions(
+        make_enc, pe, [img, feat], want, chain, activation_scale(img, feat, *want)
+    )
     assert base.shape == detail.shape == (2, h, w, DIM)
-    assert max_err(base, to_nhwc(tb)) <= TOL
-    assert max_err(detail, to_nhwc(td)) <= TOL
 
-    dec = bb.Decoder(DIM, HEADS, 2.0, blocks=1)
-    pd = random_params(dec, base, detail, img)
+    make_dec = lambda dt: bb.Decoder(DIM, HEADS, 2.0, blocks=1, dtype=dt)  # noqa: E731
+    pd = random_params(make_dec(jnp.float32), base, detail, img)
+    chain = conv_chain(1, 2 * DIM) + block_chain(DIM, h * w, HEADS, 2 * DIM) + conv_chain(3, DIM)
+    chain += conv_chain(3, DIM // 2) + 4  # the two head convs, the residual and the sigmoid
     for residual in (img, None):
-        out = jax.jit(dec.apply)({"params": pd}, base, detail, residual)
         res_t = None if residual is None else to_nchw(residual)
-        want = decoder(to_nchw(base), to_nchw(detail), res_t, pd, HEADS, 1)
+        want = to_nhwc(decoder(to_nchw(base), to_nchw(detail), res_t, pd, HEADS, 1))
+        out = check_both_precisions(
+            make_dec, pd, [base, detail, residual], want, chain, activation_scale(base, detail)
+        )
         assert out.shape == (2, h, w, 1) and out.dtype == jnp.float32
-        assert max_err(out, to_nhwc(want)) <= TOL
 
 
 def test_encoder_without_patch_embed_needs_features():
@@ -257,6 +346,35 @@ def _native_conv(x, kernel, groups, pad):
     )
 
 
+def _abs_sums(x, kernel, weights, groups, pad):
+    """The sums of |terms| of a conv's value and of both its gradients (maxima over outputs):
+    the same conv and its transposes run on absolute values, in float64. Also the largest sum
+    of |x| over a kernel tap's window and of |kernel| over a tap's inputs."""
+    conv = lambda a, b: _native_conv(a, b, groups, pad)  # noqa: E731
+    with jax.enable_x64(True):
+        ax, ak, ag = (jnp.asarray(np.abs(np.asarray(a)), jnp.float64) for a in (x, kernel, weights))
+        y_abs, vjp = jax.vjp(conv, ax, ak)
+        gx_abs, gk_abs = vjp(ag)
+        x_sum = jax.vjp(lambda b: conv(ax, b), ak)[1](jnp.ones_like(ag))[0]
+        sums = [float(np.asarray(a).max()) for a in (y_abs, gx_abs, gk_abs, x_sum)]
+    return (*sums, float(np.abs(np.asarray(kernel)).sum(axis=(0, 1)).max()))
+
+
+def _conv_bounds(x, kernel, weights, groups, pad):
+    """Bounds on |implementation A - implementation B| (both float32) for a conv's value and
+    its two gradients: twice the float32 bound of each reduction (tests/tolerances.py), plus
+    the effect of the cotangent tanh'(y) * weights differing by up to max|weights| * (value
+    bound) between the two."""
+    y_abs, gx_abs, gk_abs, x_sum, k_sum = _abs_sums(x, kernel, weights, groups, pad)
+    k, cin_g, cout_g = kernel.shape[0], kernel.shape[2], kernel.shape[3] // groups
+    n_gk = int(np.prod(weights.shape[:3]))  # the kernel gradient sums over batch x H x W
+    value = 2 * rounding_bound(k * k * cin_g, y_abs)
+    d_cotangent = float(np.abs(np.asarray(weights)).max()) * value
+    gx = 2 * rounding_bound(k * k * cout_g + 4, gx_abs) + d_cotangent * k_sum
+    gk = 2 * rounding_bound(n_gk + 4, gk_abs) + d_cotangent * x_sum
+    return value, gx, gk
+
+
 def _value_and_both_grads(conv_fn, x, kernel, weights):
     """conv output and d/dx, d/dkernel of a weighted sum (a cotangent that is not all ones)."""
     loss = lambda x, kernel: jnp.sum(jnp.tanh(conv_fn(x, kernel)) * weights)
@@ -285,9 +403,10 @@ def test_grouped_conv_by_taps_value_and_gradients_match_native(c_in, c_out, grou
     want, (wx, wk) = _value_and_both_grads(
         lambda x, w: _native_conv(x, w, groups, pad), x, kernel, weights
     )
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(gx), np.asarray(wx), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(gk), np.asarray(wk), atol=1e-4, rtol=1e-5)
+    b_value, b_gx, b_gk = _conv_bounds(x, kernel, weights, groups, pad)
+    assert max_err(got, want) <= b_value
+    assert max_err(gx, wx) <= b_gx
+    assert max_err(gk, wk) <= b_gk
 
 
 def test_pointwise_conv_value_and_gradients_match_native():
@@ -299,12 +418,19 @@ def test_pointwise_conv_value_and_gradients_match_native():
     want, (wx, wk) = _value_and_both_grads(
         lambda x, w: _native_conv(x, w, 1, "VALID"), x, kernel, weights
     )
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(gx), np.asarray(wx), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(gk), np.asarray(wk), atol=1e-4, rtol=1e-5)
+    b_value, b_gx, b_gk = _conv_bounds(x, kernel, weights, 1, "VALID")
+    assert max_err(got, want) <= b_value
+    assert max_err(gx, wx) <= b_gx
+    assert max_err(gk, wk) <= b_gk
     # bfloat16 inputs: the weight gradient is accumulated in float32, returned in bfloat16.
     _, (gx16, gk16) = _value_and_both_grads(
         bb.pointwise_conv, x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), weights
     )
     assert gx16.dtype == gk16.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(gk16, np.float32), np.asarray(wk), atol=0.2, rtol=3e-2)
+    # x and the kernel are rounded to bfloat16 (relative error <= 2^-8 each): the value moves by
+    # <= 2 u16 sum|x w|, the cotangent by max|weights| times that; the products x g carry x's
+    # rounding, the returned gradient one more rounding; then the float32 accumulation.
+    y_abs, _, gk_abs, x_sum, _ = _abs_sums(x, kernel, weights, 1, "VALID")
+    d_cotangent = float(np.abs(np.asarray(weights)).max()) * 2 * U16 * y_abs
+    bound16 = 2 * U16 * gk_abs + d_cotangent * x_sum + rounding_bound(2 * 9 * 7 + 4, gk_abs)
+    assert max_err(np.asarray(gk16, np.float32), wk) <= bound16

@@ -203,3 +203,328 @@ def test_inspect_writes_no_grid_without_grid(tmp_path, pairs, capsys, monkeypatc
     grid = tmp_path / "grid.png"
     argv = ["--dataset=bundle", f"--root={vis.parent}", f"--grid={grid}"]
     assert call(inspect_cli.main, argv, capsys).code == 0 and Image.open(grid).size[0] > SIZE
+
+
+# ================================================================================================
+# A careful user's next tries, for every CLI (in-process for argparse CLIs; the absl CLIs in a
+# real process each: their flags live in module-global state)
+# ================================================================================================
+
+
+class World:
+    """The files a bad-input case may name (made fresh per case under tmp_path)."""
+
+    def __init__(self, tmp: pathlib.Path, export: pathlib.Path) -> None:
+        self.tmp, self.export = tmp, export
+        self.root = tmp / "data"
+        self.vis, self.ir = self.root / "vis", self.root / "ir"
+        for i, name in enumerate("ab"):
+            _png(self.vis / f"{name}.png", i)
+            _png(self.ir / f"{name}.png", 10 + i)
+        self.file = tmp / "notes.txt"
+        self.file.write_text("an ordinary file")
+        self.folder_png = tmp / "looks_like.png"
+        self.folder_png.mkdir()
+
+    def snapshot(self) -> dict[str, bytes]:
+        """Every input file's bytes: nothing may change them."""
+        return {str(p): p.read_bytes() for p in self.root.rglob("*") if p.is_file()}
+
+
+def _fuse_one(w: World, **kw: str) -> list[str]:
+    args = {"workdir": w.export, "vis": w.vis / "a.png", "ir": w.ir / "a.png",
+            "out": w.tmp / "o.png"} | kw  # fmt: skip
+    return [f"--{k}={v}" for k, v in args.items()] + ["--no_progress"]
+
+
+def _prev_fused(w: World) -> World:
+    """A folder of earlier saved fused images, where --save_fused would write the baseline's."""
+    for name in "ab":
+        _png(w.tmp / "eval" / "fused" / "average" / "d" / f"{name}.png", 7)
+    return w
+
+
+def _empty_ir(w: World) -> None:
+    (w.tmp / "empty.png").write_bytes(b"")
+
+
+def _gif(w: World) -> None:
+    Image.new("L", (SIZE, SIZE)).save(w.tmp / "a.gif")
+
+
+def _nan_ir(w: World) -> None:
+    (w.ir / "b.png").unlink()
+    _float_tiff(w.ir / "b.tif")
+
+
+def _tiny_pair(w: World) -> World:
+    _png(w.vis / "small.png", 3, (12, 40))
+    _png(w.ir / "small.png", 4, (12, 40))
+    return w
+
+
+def _torch_source(w: World) -> World:
+    from safetensors.numpy import save_file
+
+    (w.tmp / "ckpt").mkdir()
+    save_file({"x": np.zeros(2, np.float32)}, str(w.tmp / "ckpt" / "model.safetensors"))
+    return w
+
+
+# (id, entry point, argv(w), what the one line must name (w), set-up)
+INPROCESS_CASES = [
+    (
+        "fuse: --vis_dir == --ir_dir",
+        fuse.main,
+        lambda w: _fuse_dirs(w.export, w.vis, w.vis / ".", w.tmp / "out"),
+        lambda w: ["same folder", w.vis],
+        None,
+    ),
+    (
+        "fuse: --vis is a folder",
+        fuse.main,
+        lambda w: _fuse_one(w, vis=w.vis),
+        lambda w: [w.vis, "is a folder", "--vis_dir"],
+        None,
+    ),
+    (
+        "fuse: --out is not a .png",
+        fuse.main,
+        lambda w: _fuse_one(w, out=w.tmp / "f.jpg"),
+        lambda w: [w.tmp / "f.jpg", "PNG"],
+        None,
+    ),
+    (
+        "fuse: --out is a folder",
+        fuse.main,
+        lambda w: _fuse_one(w, out=w.folder_png),
+        lambda w: [w.folder_png, "is a folder"],
+        None,
+    ),
+    (
+        "fuse: --out_dir is a file",
+        fuse.main,
+        lambda w: _fuse_dirs(w.export, w.vis, w.ir, w.file),
+        lambda w: [w.file, "not a folder"],
+        None,
+    ),
+    (
+        "fuse: --ir is an empty file",
+        fuse.main,
+        lambda w: _fuse_one(w, ir=w.tmp / "empty.png"),
+        lambda w: [w.tmp / "empty.png", "zero-byte"],
+        lambda w: (w.tmp / "empty.png").write_bytes(b"") and w,
+    ),
+    (
+        "fuse: --vis is a GIF",
+        fuse.main,
+        lambda w: _fuse_one(w, vis=w.tmp / "a.gif"),
+        lambda w: [w.tmp / "a.gif", "unsupported image format"],
+        lambda w: Image.new("L", (32, 32)).save(w.tmp / "a.gif") or w,
+    ),
+    (
+        "fuse: --batch_size=0",
+        fuse.main,
+        lambda w: _fuse_one(w) + ["--batch_size=0"],
+        lambda w: ["--batch_size=0"],
+        None,
+    ),
+    (
+        "fuse: a typo in a flag",
+        fuse.main,
+        lambda w: _fuse_one(w) + ["--overwite"],
+        lambda w: ["--overwite", "--help"],
+        None,
+    ),
+    (
+        "evaluate: --limit=0",
+        evaluate.main,
+        lambda w: [f"--dataset=bundle={w.root}", "--limit=0"],
+        lambda w: ["--limit=0"],
+        None,
+    ),
+    (
+        "evaluate: --save_fused over a method's folder",
+        evaluate.main,
+        lambda w: [
+            f"--dataset=d:bundle={w.root}",
+            f"--method=prev={w.tmp / 'eval/fused/average'}",
+            f"--out={w.tmp / 'eval'}",
+            "--save_fused",
+            "--no_progress",
+        ],
+        lambda w: ["fused images of average", "method prev"],
+        _prev_fused,
+    ),
+    (
+        "evaluate: a pair below the minimum size",
+        evaluate.main,
+        lambda w: [f"--dataset=bundle={w.root}", "--no_progress"],
+        lambda w: [w.vis / "small.png", "minimum size 16x16"],
+        _tiny_pair,
+    ),
+    (
+        "evaluate: a NaN float source",
+        evaluate.main,
+        lambda w: [f"--dataset=bundle={w.root}", "--no_progress"],
+        lambda w: [w.ir / "b.tif"],
+        lambda w: (w.ir / "b.png").unlink() or _float_tiff(w.ir / "b.tif") and w,
+    ),
+    (
+        "evaluate tokenizer: --batch_size=0",
+        evaluate.main,
+        lambda w: [
+            "tokenizer",
+            f"--tokenizer={w.export / 'tokenizer'}",
+            f"--data=bundle={w.root}",
+            "--batch_size=0",
+        ],
+        lambda w: ["--batch_size=0"],
+        None,
+    ),
+    (
+        "evaluate tokenizer: --tokenizer missing",
+        evaluate.main,
+        lambda w: ["tokenizer", f"--tokenizer={w.tmp / 'no_tok'}", f"--data=bundle={w.root}"],
+        lambda w: [w.tmp / "no_tok"],
+        None,
+    ),
+    (
+        "inspect: --rows=0",
+        inspect_cli.main,
+        lambda w: [f"--root={w.root}", "--rows=0"],
+        lambda w: ["--rows=0"],
+        None,
+    ),
+    (
+        "inspect: --grid is a dataset image",
+        inspect_cli.main,
+        lambda w: [f"--root={w.root}", f"--grid={w.ir / '..' / 'ir' / 'a.png'}"],
+        lambda w: ["--grid", "is the input"],
+        None,
+    ),
+    (
+        "inspect: --grid is not a .png",
+        inspect_cli.main,
+        lambda w: [f"--root={w.root}", f"--grid={w.tmp / 'grid.jpg'}"],
+        lambda w: [w.tmp / "grid.jpg", ".png"],
+        None,
+    ),
+    (
+        "inspect: --root missing",
+        inspect_cli.main,
+        lambda w: [f"--root={w.tmp / 'nope'}"],
+        lambda w: [w.tmp / "nope", "not found"],
+        None,
+    ),
+]
+
+
+def _demo_main(argv):
+    from tokfusion_jax import demo
+
+    return demo._main(argv)
+
+
+def _bench_main(argv):
+    from tokfusion_jax import bench
+
+    return bench.main(argv)
+
+
+def _convert_main(argv):
+    from convert.__main__ import main
+
+    return main(argv)
+
+
+def _tfds_main(argv):
+    from tokfusion_jax.data import tfds_builders
+    from tokfusion_jax.errors import cli_main
+
+    return cli_main(tfds_builders.main)(argv)
+
+
+INPROCESS_CASES += [
+    ("demo: --max_pairs=-1", _demo_main, lambda w: [f"--workdir={w.export}", "--max_pairs=-1"],
+     lambda w: ["--max_pairs=-1"], None),
+    ("demo: --workdir without an export", _demo_main, lambda w: [f"--workdir={w.root}"],
+     lambda w: [w.root, "no inference export"], None),
+    ("bench: --json is a folder", _bench_main,
+     lambda w: ["--rows=encode", f"--json={w.folder_png}"],
+     lambda w: [w.folder_png, "--json", "is a folder"], None),
+    ("convert: --out holds the source", _convert_main,
+     lambda w: ["titok", f"--source={w.tmp / 'ckpt' / 'model.safetensors'}",
+                f"--out={w.tmp / 'ckpt'}"],
+     lambda w: [w.tmp / "ckpt", "not touched"], _torch_source),
+    ("convert: --out is a file", _convert_main,
+     lambda w: ["titok", f"--source={w.file}", f"--out={w.file}"],
+     lambda w: [w.file, "not touched"], None),
+    ("convert: an unknown model", _convert_main, lambda w: ["cddfusee", "--source=x"],
+     lambda w: ["cddfusee", "--help"], None),
+    ("tfds_builders: unknown dataset", _tfds_main,
+     lambda w: ["--dataset=nope", f"--manual_dir={w.root}", f"--data_dir={w.tmp / 'tfds'}"],
+     lambda w: ["--dataset", "nope"], None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "main, argv, names, setup",
+    [c[1:] for c in INPROCESS_CASES],
+    ids=[c[0] for c in INPROCESS_CASES],
+)
+def test_bad_input_table_in_process(main, argv, names, setup, tiny_export, tmp_path, capsys):
+    w = World(tmp_path, tiny_export)
+    if setup is not None:
+        setup(w)
+    before = w.snapshot()
+    written_before = set(tmp_path.rglob("*"))
+    error_line(call(main, argv(w), capsys), *names(w))
+    assert w.snapshot() == before  # no input changed
+    assert set(tmp_path.rglob("*")) == written_before  # nothing written
+
+
+ABSL_CASES = [  # (id, module, argv(w), names(w))
+    ("train: --workdir is a file", "tokfusion_jax.train",
+     lambda w: ["--config=configs/ivif.py:tiny", f"--workdir={w.file}"],
+     lambda w: [w.file, "--workdir", "not a folder"]),
+    ("train: a positional argument", "tokfusion_jax.train",
+     lambda w: ["--config=configs/ivif.py:tiny", f"--workdir={w.tmp / 'run'}", "stray"],
+     lambda w: ["stray"]),
+    ("data.cache: --out is a file", "tokfusion_jax.data.cache",
+     lambda w: ["--dataset=bundle", f"--root={w.root}", f"--tokenizer={w.export / 'tokenizer'}",
+                f"--out={w.file}"],
+     lambda w: [w.file, "--out", "not a folder"]),
+    ("data.cache: --dtype=float64", "tokfusion_jax.data.cache",
+     lambda w: ["--dataset=bundle", f"--root={w.root}", f"--out={w.tmp / 'c'}", "--dtype=float64"],
+     lambda w: ["--dtype", "float64"]),
+    ("probe: --out is a file", "tokfusion_jax.probe",
+     lambda w: [f"--workdir={w.export}", f"--out={w.file}"],
+     lambda w: [w.file, "not a folder"]),
+    ("probe: --slots=0", "tokfusion_jax.probe", lambda w: [f"--workdir={w.export}", "--slots=0"],
+     lambda w: ["--slots='0'", "positive"]),
+    ("sweep: --workdir is a file", "tokfusion_jax.sweep",
+     lambda w: ["--sweep=configs/sweeps/tiny.py", f"--workdir={w.file}"],
+     lambda w: [w.file, "--workdir"]),
+    ("sweep: --set without =", "tokfusion_jax.sweep",
+     lambda w: ["--sweep=configs/sweeps/tiny.py", f"--workdir={w.tmp / 's'}", "--set=data.root"],
+     lambda w: ["--set='data.root'"]),
+    ("models.fusion: a config without a model section", "tokfusion_jax.models.fusion",
+     lambda w: [f"--config={w.tmp / 'nomodel.py'}"], lambda w: ["no 'model' section"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "module, argv, names", [c[1:] for c in ABSL_CASES], ids=[c[0] for c in ABSL_CASES]
+)
+def test_bad_input_table_absl_clis(module, argv, names, tiny_export, tmp_path):
+    from cli_helpers import run_module
+
+    w = World(tmp_path, tiny_export)
+    (tmp_path / "nomodel.py").write_text(
+        "import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict()\n"
+    )
+    before = w.snapshot()
+    error_line(run_module(module, *argv(w)), *names(w))
+    assert w.snapshot() == before
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()

@@ -11,6 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from tolerances import (
+    activation_scale,
+    decided_codes,
+    probable_bound,
+    rounding_bound,
+    titok_encoder_chain,
+)
 
 from tokfusion_jax.data import cache, pipeline, sources, transforms
 from tokfusion_jax.errors import DataError
@@ -48,12 +55,31 @@ def write_folder(root, count, size=(40, 48)):
     return sources.from_preset("bundle", root)
 
 
-def direct_tokens(tok, path):
-    """Tokens computed the way the model does it, without the cache."""
+def direct_input(tok, path):
+    """The tokenizer input the model computes on device (the cache resizes on the host)."""
     y = np.asarray(Image.open(path).convert("RGB"), np.float32) / 255.0
     y = y @ np.array([0.299, 0.587, 0.114], np.float32)
-    x = transforms.token_input(jnp.asarray(y)[None, ..., None], tok.config.image_size)
-    return titok.encode(tok, x)
+    return transforms.token_input(jnp.asarray(y)[None, ..., None], tok.config.image_size)
+
+
+def direct_tokens(tok, path):
+    """Tokens computed the way the model does it, without the cache."""
+    return titok.encode(tok, direct_input(tok, path))
+
+
+def cache_bound(tok, path) -> float:
+    """How far cached tokens may be from `direct_tokens`: the host and device resizes (40x48 ->
+    32: <= 6 bicubic taps per axis, separable, on [0, 1] images with sum|weights| <= 1.25) are
+    each within float32 rounding of the exact resize; the encoder carries that difference
+    scaled by its gain (finite differences on a 1e-3 perturbation, far above rounding, times 2
+    for the nonlinearity) and adds its own float32 error in each program (batches of 4 vs 1)."""
+    x = direct_input(tok, path)
+    resize = 2 * rounding_bound(2 * 2 * 6 + 8, 1.25)
+    d = 1e-3 * np.random.default_rng(0).uniform(-1, 1, x.shape).astype(np.float32)
+    base = np.asarray(titok.encode(tok, x).continuous)
+    gain = np.abs(np.asarray(titok.encode(tok, x + d).continuous) - base).max() / 1e-3
+    encoder = 2 * probable_bound(titok_encoder_chain(tok.config), activation_scale(x, base))
+    return 2 * gain * resize + encoder
 
 
 def test_hit_equals_direct_encoding_and_feeds_the_pipeline(tmp_path, tok):
@@ -62,15 +88,22 @@ def test_hit_equals_direct_encoding_and_feeds_the_pipeline(tmp_path, tok):
     assert (stats.images, stats.encoded, stats.reused) == (6, 6, 0)
     rec = src[1]
     want = direct_tokens(tok, rec["ir"])
-    for source_name, ref in [
-        ("quantized", want.quantized[0]),
-        ("continuous", want.continuous[0]),
-        ("normalized", titok.l2_normalize(want.continuous[0])),
+    bound = cache_bound(tok, rec["ir"])
+    # the codes are compared where no such error can change the choice (most of the 8 tokens)
+    cb = tok.params["quantize"]["embedding"]
+    decided = decided_codes(want.continuous[0], cb, tok.config.use_l2_norm, bound)
+    assert decided.mean() >= 0.5
+    for source_name, ref, rows in [
+        ("quantized", want.quantized[0], decided),
+        ("continuous", want.continuous[0], slice(None)),
+        ("normalized", titok.l2_normalize(want.continuous[0]), slice(None)),
     ]:
         tc = cache.TokenCache(str(tmp_path / "c"), tok.sha256, source=source_name)
         got = tc.lookup_bytes(pathlib.Path(rec["ir"]).read_bytes(), rec["ir"])
         assert got.shape == (8, 12) and got.dtype == np.float32
-        np.testing.assert_allclose(got, np.asarray(ref), atol=1e-5)
+        scale = 1 / float(np.linalg.norm(want.continuous[0], axis=-1).min())  # normalised: / |z|
+        atol = bound * (2 * scale if source_name == "normalized" else 1.0)
+        np.testing.assert_allclose(got[rows], np.asarray(ref)[rows], atol=atol)
     tc = cache.TokenCache(str(tmp_path / "c"), tok.sha256)
     ds = pipeline.make_pipeline(
         src, batch_size=3, image_size=(32, 32), shuffle=False, token_cache=tc,
@@ -78,7 +111,9 @@ def test_hit_equals_direct_encoding_and_feeds_the_pipeline(tmp_path, tok):
     )  # fmt: skip
     batch = next(iter(ds))
     assert batch["vis_tokens"].shape == (3, 8, 12) and batch["ir_tokens"].shape == (3, 8, 12)
-    np.testing.assert_allclose(batch["ir_tokens"][1], np.asarray(want.quantized[0]), atol=1e-5)
+    np.testing.assert_allclose(
+        batch["ir_tokens"][1][decided], np.asarray(want.quantized[0])[decided], atol=bound
+    )
 
 
 def test_resume_after_interruption(tmp_path, tok):

@@ -112,3 +112,50 @@ def test_cli_missing_tokenizer_fails_with_one_line(tmp_path):
     lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "config.tokenizer.path is not set" in lines[0], out.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------ token shape from the tokenizer
+
+
+def test_training_configs_take_the_token_shape_from_the_tokenizer():
+    from tokfusion_jax.models import config as model_config
+    from tokfusion_jax.models import titok
+
+    for name, arg in (("ivif", None), ("mif", "pet")):
+        tokens = load(name, arg).model.tokens
+        assert [tokens[k] for k in ("num_tokens", "token_dim", "input_size")] == [None] * 3
+    tokens = load("ivif").model.tokens
+    b64 = titok.TiTokConfig.variant("b64")
+    resolved = model_config.resolve_token_shape(tokens, b64, "B-64")
+    assert resolved == {"num_tokens": 64, "token_dim": 12, "input_size": 256}
+    assert {k: tokens[k] for k in resolved} == resolved
+    # the :tiny variants pin the shape of the random tokenizer they create
+    assert load("ivif", "tiny").model.tokens.num_tokens == 32
+
+
+def test_a_pinned_token_shape_that_disagrees_is_one_error_listing_every_key():
+    from tokfusion_jax.models import config as model_config
+    from tokfusion_jax.models import titok
+
+    tokens = load("ivif", "tiny").model.tokens  # pins 32 x 12 at 32 px
+    other = titok.TiTokConfig.tiny(image_size=64, num_tokens=16, token_size=12)
+    with pytest.raises(ConfigError) as info:
+        model_config.resolve_token_shape(tokens, other, "the tokenizer at T")
+    message = str(info.value)
+    assert "the tokenizer at T" in message and "re-probe" in message
+    assert "num_tokens=32 (tokenizer: 16)" in message and "input_size=32 (tokenizer: 64)" in message
+    assert "token_dim" not in message.split(";")[0]  # the matching key is not listed
+
+
+def test_training_resolves_the_shape_before_building_the_model(tmp_path):
+    """The trainer refuses a pinned mismatch at start, naming every key, before any step."""
+    import jax
+
+    from tokfusion_jax.models import titok
+
+    tok_dir = tmp_path / "tok16"
+    titok.save(titok.create(trainer.random_tiny_tokenizer_config(64, 16, 12), seed=0), tok_dir)
+    c = _config(tmp_path, **{"tokenizer.random_tiny": False, "tokenizer.path": str(tok_dir)})
+    with pytest.raises(ConfigError, match=r"num_tokens=32 \(tokenizer: 16\).*input_size=32"):
+        trainer.train_and_evaluate(c, tmp_path / "run", devices=jax.devices()[:1])
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -15,6 +15,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from tolerances import (
+    activation_scale,
+    decided_codes,
+    probable_bound,
+    titok_decoder_chain,
+    titok_encoder_chain,
+)
 
 from tokfusion_jax.errors import CheckpointError, ConfigError
 from tokfusion_jax.models import titok
@@ -168,11 +175,22 @@ def test_convert_reproduces_torch_outputs(tmp_path, kind, fmt):
         ref = model.encode(torch.from_numpy(x).permute(0, 3, 1, 2))
         image = model.decode(ref["z_quantized"]).permute(0, 2, 3, 1).numpy()
     out = titok.encode(tok, x)
-    np.testing.assert_allclose(out.continuous, ref["continuous"].numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(out.quantized, ref["quantized"].numpy(), atol=1e-4, rtol=0)
-    if cfg.quantize_mode == "vq":
-        np.testing.assert_array_equal(np.asarray(out.indices), ref["indices"].numpy())
-    np.testing.assert_allclose(titok.decode(tok, out.quantized), image, atol=1e-4, rtol=0)
+    # Flax and PyTorch each within the probabilistic float32 bound of the exact value over the
+    # ViT's rounding chain (tests/tolerances.py), so twice that apart.
+    cont = ref["continuous"].numpy()
+    bound = 2 * probable_bound(titok_encoder_chain(cfg), activation_scale(x, cont))
+    np.testing.assert_allclose(out.continuous, cont, atol=bound, rtol=0)
+    if cfg.quantize_mode == "vq":  # the same codes wherever the error cannot flip the choice
+        decided = decided_codes(cont, tok.params["quantize"]["embedding"], cfg.use_l2_norm, bound)
+        assert decided.mean() >= 0.25
+        got = np.asarray(out.indices)[decided]
+        np.testing.assert_array_equal(got, ref["indices"].numpy()[decided])
+    else:
+        np.testing.assert_allclose(out.quantized, ref["quantized"].numpy(), atol=bound, rtol=0)
+    z_ref = ref["quantized"].numpy()
+    decoded = titok.decode(tok, z_ref)  # from the twin's own codes: the decoder is checked
+    dec_bound = 2 * probable_bound(titok_decoder_chain(cfg), activation_scale(z_ref, image))
+    np.testing.assert_allclose(decoded, image, atol=dec_bound, rtol=0)
 
     meta = json.loads((tmp_path / "out" / "tokenizer.json").read_text())
     assert meta["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()

@@ -9,6 +9,7 @@ import pathlib
 import numpy as np
 import pytest
 from PIL import Image
+from tolerances import METRIC_RTOL
 
 from tokfusion_jax import evaluate, metrics
 
@@ -90,7 +91,7 @@ def test_baselines_and_folder_method_scores(tiny_dataset, tmp_path):
         avg = np.floor((v.astype(float) + i) / 2 + 0.5).astype(np.uint8)
         want = metrics.compute(avg, i, v, names=NAMES)
         for n in NAMES:
-            assert by[("average", name)][n] == pytest.approx(want[n], rel=1e-6), n
+            assert by[("average", name)][n] == pytest.approx(want[n], rel=METRIC_RTOL[n]), n
             assert by[("pub", name)][n] == by[("max", name)][n]
 
     summary = evaluate.summarize(rows, NAMES)
@@ -186,8 +187,8 @@ def test_average_baseline_on_real_tno_matches_metric_case(shared_data, metric_ca
     f, a, b = (np.asarray(Image.open(case / f"{n}.png")) for n in ("fused", "ir", "vis"))
     want = metrics.compute(f, a, b, names=("EN", "SD"))
     assert rows[0]["name"] == "01"
-    assert rows[0]["EN"] == pytest.approx(want["EN"], rel=1e-6)
-    assert rows[0]["SD"] == pytest.approx(want["SD"], rel=1e-6)
+    assert rows[0]["EN"] == pytest.approx(want["EN"], rel=METRIC_RTOL["EN"])
+    assert rows[0]["SD"] == pytest.approx(want["SD"], rel=METRIC_RTOL["SD"])
 
 
 def test_reconstruction_scores_scale():

@@ -73,19 +73,12 @@ def test_notebook_is_valid_stripped_and_thin(name: str) -> None:
         assert not MODEL_CODE.search(cell.source), f"{name}: code cell {i} defines model code"
 
 
-@pytest.fixture(scope="session")
-def xla_cache(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """A persistent XLA cache shared by the kernels (the quick runs compile the same programs)."""
-    path = tmp_path_factory.getbasetemp().parent / "xla_cache_notebooks"
-    path.mkdir(exist_ok=True)
-    return path
-
-
 @pytest.fixture()
 def kernel_env(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, xla_cache: pathlib.Path
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, compilation_cache: pathlib.Path
 ) -> str:
-    """Registers this interpreter as a private Jupyter kernel and sets the notebooks' env."""
+    """Registers this interpreter as a private Jupyter kernel and sets the notebooks' env (the
+    session's compilation cache and fast-compile XLA flags included, tests/conftest.py)."""
     spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True)
     spec = {
@@ -104,9 +97,7 @@ def kernel_env(
     )
     monkeypatch.setenv("XLA_FLAGS", f"{flags} --xla_force_host_platform_device_count=2".strip())
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(xla_cache))
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(compilation_cache))
     monkeypatch.setenv("TOKFUSION_REPO", str(REPO_ROOT))  # install from the checkout
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))  # importable even without an install
     return KERNEL_NAME
@@ -131,12 +122,13 @@ def _run(name: str, kernel_name: str, workdir: pathlib.Path) -> None:
 
 
 def test_notebooks_run_headless_in_quick_mode(
-    kernel_env: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    kernel_env: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, quick_run
 ) -> None:
-    """All three, one after the other in one test: the quick runs share one tiny model, so the
-    later notebooks reuse its compiled programs from the persistent XLA cache (run side by side
-    on two xdist workers, each would compile everything itself). The probe notebook probes the
-    quickstart's trained run (``TOKFUSION_QUICK_RUN``) instead of training it again."""
-    monkeypatch.setenv("TOKFUSION_QUICK_RUN", str(tmp_path / "quickstart" / "runs" / "quickstart"))
+    """All three, one after the other in one test: they fuse, probe and evaluate the same tiny
+    model, so the later notebooks reuse its compiled programs from the persistent XLA cache.
+    Every notebook starts from the suite's finished quick run (``TOKFUSION_QUICK_RUN``, the very
+    config their quick mode trains; tests/conftest.py): its training cells resume it and have
+    nothing left to do, so no notebook trains the model again."""
+    monkeypatch.setenv("TOKFUSION_QUICK_RUN", str(quick_run))
     for name in NOTEBOOKS:
         _run(name, kernel_env, tmp_path / name.removesuffix(".ipynb"))

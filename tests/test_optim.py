@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from tolerances import ADAM_STEP, rounding_bound
 
 from tokfusion_jax import optim
 
@@ -26,7 +27,8 @@ def test_step_decay_schedule_matches_steplr_with_floor():
     for count in [0, 2, 3, 59, 60, 119, 120, 3 * 20 * 10]:
         epoch = count // 3
         want = max(1e-4 * 0.5 ** (epoch // 20), 1e-6)
-        np.testing.assert_allclose(float(sched(count)), want, rtol=1e-6)
+        # float32 lr * gamma^k, floored: a few roundings
+        np.testing.assert_allclose(float(sched(count)), want, rtol=rounding_bound(4, 1.0))
     assert float(sched(10**6)) == pytest.approx(1e-6)
 
 
@@ -86,8 +88,13 @@ def test_module_optimizer_matches_pytorch_reference():
     finally:
         jax.config.update("jax_enable_x64", False)
     for k in init:
-        # the learning rate is float32 in the schedule, hence ~1e-7 relative agreement
-        np.testing.assert_allclose(np.asarray(params[k]), want[k], rtol=1e-6, atol=1e-9)
+        # the learning rate is float32 in the schedule (a few roundings, relative), the rest
+        # float64: each of the 12 updates is off by that relative amount, at most |update| <=
+        # ADAM_STEP * lr <= 3.2e-2 each
+        lr_rel = rounding_bound(4, 1.0)
+        np.testing.assert_allclose(
+            np.asarray(params[k]), want[k], rtol=0, atol=12 * lr_rel * ADAM_STEP * 1e-2
+        )
     # enc: 12 updates = 6 epochs -> 1e-2 * 0.5**3 floored at 2e-3; fuse: 8 updates = 4 epochs.
     assert float(lrs["enc"]) == pytest.approx(2e-3)
     assert float(lrs["fuse"]) == pytest.approx(1e-2 * 0.5**2)

@@ -6,6 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import (
+    ADAM_STEP,
+    ELEMENTARY_ULPS,
+    assert_mostly_close,
+    probable_bound,
+    rounding_bound,
+)
 
 from tokfusion_jax import configlib, probe
 from tokfusion_jax.errors import ConfigError
@@ -43,7 +50,10 @@ def test_gumbel_soft_sample_is_softmax_of_perturbed_logits():
     g = np.asarray(jax.random.gumbel(rng, logits.shape), np.float64)
     z = (np.asarray(logits, np.float64) + g) / tau
     expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    # z = (logits + g) / tau (3 roundings on |z|), softmax: max, subtract, exp, a 4-term sum,
+    # divide; a change d of z moves a probability by at most d / 2
+    bound = rounding_bound(3, float(np.abs(z).max())) + rounding_bound(ELEMENTARY_ULPS + 8, 1.0)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=bound)
 
 
 def test_straight_through_gradients_finite_and_nonzero():
@@ -59,7 +69,10 @@ def test_straight_through_gradients_finite_and_nonzero():
     assert np.all(np.abs(g).sum(axis=1) > 1e-6)  # every row receives a gradient
     # Straight-through: the gradient is exactly the soft sample's gradient.
     soft = jax.grad(lambda a: jnp.sum(probe.gumbel_softmax(jax.random.PRNGKey(0), a, 0.5) * values))
-    np.testing.assert_allclose(g, np.asarray(soft(logits)), rtol=1e-6)
+    # two programs of the same Jacobian-vector product (softmax / tau and its transpose)
+    np.testing.assert_allclose(
+        g, np.asarray(soft(logits)), rtol=2 * rounding_bound(ELEMENTARY_ULPS + 12, 1.0)
+    )
 
 
 def test_temperature_schedule():
@@ -87,7 +100,9 @@ def test_edit_tokens_matches_loop():
             for s in range(3):
                 for n in range(6):
                     expected[b, m, n] += weights[b, m, s, n] * offsets[m, s] * mask
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    # per entry: 3 slots of (weight * offset * mask) and their sum onto the token
+    size = float(np.abs(tokens).max() + (np.abs(weights).sum(2).max() * np.abs(offsets).max()))
+    np.testing.assert_allclose(out, expected, rtol=0, atol=rounding_bound(3 * 3 + 1, size))
 
 
 # ----------------------------------------------------------------------------- planted problem
@@ -129,7 +144,8 @@ def test_probe_finds_planted_position(seed):
     assert result.probs.shape == (2, 1, N_TOKENS)
     assert np.all(result.probs[:, 0].argmax(-1) == target)  # both modalities agree
     assert np.all(result.frequency[:, 0, target] > 0.5)
-    np.testing.assert_allclose(result.frequency.sum(-1), 1.0, rtol=1e-6)
+    # counts / steps, summed over the tokens in float32
+    np.testing.assert_allclose(result.frequency.sum(-1), 1.0, rtol=rounding_bound(N_TOKENS + 1, 1))
     assert result.history[-1]["objective"] > result.history[0]["objective"]
     assert result.scales["flat"] == pytest.approx(10.0)
 
@@ -145,7 +161,14 @@ def test_probe_is_deterministic_and_runs_on_the_mesh():
     c = probe.probe_positions(token_fn, terms_fn, batches(0), settings, num_slots=2)
     np.testing.assert_array_equal(a.probs, b.probs)
     np.testing.assert_array_equal(a.frequency, b.frequency)
-    np.testing.assert_allclose(a.probs, c.probs, rtol=1e-4, atol=1e-6)  # 8 devices vs 1
+    # 8 devices vs 1: the same steps in other programs. Adam moves each selector logit by at
+    # most ADAM_STEP * lr per step, so a probability by at most half that (softmax slope <= 1/2
+    # per logit, two logits moving); nearly all entries stay within the rounding of the
+    # objective (a small planted problem: ~100 roundings per step) carried through the steps.
+    steps, lr = settings.steps, settings.lr
+    worst = min(1.0, steps * ADAM_STEP * lr)
+    typical = steps * 2 * probable_bound(100, 4.0) + 1e-7 * steps  # float32 softmax of O(1)
+    assert_mostly_close(a.probs, c.probs, typical, worst, fraction=0.95)
     assert len(set(a.positions)) == 2
 
 
@@ -188,7 +211,8 @@ def test_channel_probe_ranks_consistent_channels():
     assert res.sensitivity[0] > res.sensitivity[3]  # large but unstable
     assert res.stability[3] == pytest.approx(1.0)
     assert res.stability[0] < 0.5
-    np.testing.assert_allclose(res.score[[1, 4]], 0.0, atol=1e-9)
+    # channels 1 and 4 do not enter the terms: their edits change nothing, exactly
+    np.testing.assert_array_equal(res.score[[1, 4]], 0.0)
 
 
 def test_choose_group_modes():
@@ -261,7 +285,10 @@ def test_probe_config_file_and_shipped_snippets():
         cfg = configlib.load_config(root / "probe.py", arg)
         settings = probe.ProbeSettings.from_config(cfg)
         assert dict(settings.weights) == {"ei": 1.0, "ag": 1.0, "sf": 1.0, "ssim": 1.0}
-        assert cfg.select_budget in cfg.slots
+        assert cfg.select_budget == 0  # the paper's 2 when probed, else the closest budget
+        assert probe.default_select_budget(cfg.slots) == 2
+    assert probe.default_select_budget([1]) == 1  # --slots=1 works with the default
+    assert probe.default_select_budget([3, 4]) == 3 and probe.default_select_budget([1, 3]) == 1
     expected = {
         "titok_l32": (32, (12, 18)),
         "titok_b64": (64, (18, 60)),

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -12,17 +13,14 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _env(cache_dir: pathlib.Path) -> dict[str, str]:
+def _env() -> dict[str, str]:
     env = dict(os.environ)
-    # One CPU device (the tiny sweep's batch of 4 needs no fake devices) and XLA's cheapest CPU
-    # code generation: the seconds-scale graphs compile several times faster, results stay float.
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    # One CPU device (the tiny sweep's batch of 4 needs no fake devices), the suite's fast-compile
+    # flags and its compilation cache (tests/conftest.py): both variants compile the same graphs
+    # (they differ by seed), the second one reuses the first one's executables.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = flags.strip()
     env["JAX_PLATFORMS"] = "cpu"
-    # Both variants compile the same graphs (they differ by seed): the second one reuses the
-    # first one's executables from a per-test compilation cache.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
 
 
@@ -35,7 +33,7 @@ def test_tiny_sweep_interrupted_then_resumed(tmp_path):
         f"--sweep={REPO / 'configs' / 'sweeps' / 'tiny.py'}:seeds",
         f"--workdir={workdir}",
     ]
-    env = _env(tmp_path / "jax_cache")
+    env = _env()
     first_done = workdir / "seed0" / "done.json"
     with open(tmp_path / "run1.log", "w") as log1:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT)

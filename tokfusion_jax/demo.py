@@ -127,6 +127,8 @@ def _main(argv: Sequence[str]) -> None:
     parser.add_argument("--out", default=None, help="where to write fused PNGs")
     parser.add_argument("--max_pairs", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.max_pairs < 0:
+        raise ConfigError(f"--max_pairs={args.max_pairs}: expected >= 0 (0 = every pair)")
     report(args.workdir, out_dir=args.out, max_pairs=args.max_pairs)
 
 

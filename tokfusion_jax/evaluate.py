@@ -641,10 +641,16 @@ def metric_names(spec: str, convention: str) -> tuple[str, ...]:
         raise TokFusionError(f"--metrics={spec!r}: {e}") from None
 
 
-def run_table(argv: Sequence[str]) -> str:
-    args = _table_parser().parse_args(list(argv))
+def _check_counts(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise TokFusionError(f"--batch_size={args.batch_size}: expected >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise TokFusionError(f"--limit={args.limit}: expected >= 1 (omit it for every pair)")
+
+
+def run_table(argv: Sequence[str]) -> str:
+    args = _table_parser().parse_args(list(argv))
+    _check_counts(args)
     if args.out:
         paths.check_output_folder(args.out, "--out")
     specs = parse_datasets(args.dataset, args.root)
@@ -694,6 +700,7 @@ def run_table(argv: Sequence[str]) -> str:
 
 def run_tokenizer(argv: Sequence[str]) -> str:
     args = _tokenizer_parser().parse_args(list(argv))
+    _check_counts(args)
     specs = parse_datasets(args.data, [])
     if args.out:
         paths.check_output_folder(args.out, "--out")

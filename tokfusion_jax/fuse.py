@@ -380,7 +380,9 @@ def _check_args(args: argparse.Namespace) -> list[PairPaths]:
     if any(single):
         if not all(single):
             raise TokFusionError("one pair needs all of --vis, --ir and --out")
-        for path in (args.vis, args.ir):
+        for flag, path in (("--vis", args.vis), ("--ir", args.ir)):
+            if os.path.isdir(path):
+                raise DataError(f"{path} ({flag}) is a folder; for folders use --vis_dir/--ir_dir")
             if not os.path.isfile(path):
                 raise DataError(f"{path}: file not found")
         paths.check_roles([("--vis", args.vis), ("--ir", args.ir)], [("--out", args.out)])
@@ -391,6 +393,8 @@ def _check_args(args: argparse.Namespace) -> list[PairPaths]:
         return [PairPaths(name, args.vis, args.ir, args.out)]
     if not all(folders):
         raise TokFusionError("folders need all of --vis_dir, --ir_dir and --out_dir")
+    if paths.same_path(args.vis_dir, args.ir_dir):
+        raise DataError(f"--vis_dir and --ir_dir are the same folder ({args.vis_dir})")
     paths.check_roles(
         [("--vis_dir", args.vis_dir), ("--ir_dir", args.ir_dir)], [("--out_dir", args.out_dir)]
     )

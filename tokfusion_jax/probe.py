@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from tokfusion_jax import paths
 from tokfusion_jax.errors import ConfigError
 
 Array = jax.Array
@@ -767,7 +768,7 @@ def run_probe(
     settings: ProbeSettings,
     *,
     slots: Sequence[int] = (1, 2, 3, 4),
-    select_budget: int = 2,
+    select_budget: int = 0,
     outdir: str | os.PathLike,
     frozen: Any = None,
     mesh: Any = None,
@@ -779,12 +780,17 @@ def run_probe(
     """Position probes for each slot budget, a channel probe at the chosen positions, outputs.
 
     ``make_batches(seed)`` returns a fresh batch iterator (one per budget, seeded). The snippet
-    comes from ``select_budget`` (the paper's 2 slots). Writes ``ste.json``, ``probe.json`` and
-    the two PNG figures into ``outdir``; returns the ``probe.json`` content.
+    comes from ``select_budget`` (0: `default_select_budget`, the paper's 2 slots when probed).
+    Writes ``ste.json``, ``probe.json`` and the two PNG figures into ``outdir``; returns the
+    ``probe.json`` content.
     """
     slots = sorted({int(s) for s in slots})
+    select_budget = int(select_budget) or default_select_budget(slots)
     if select_budget not in slots:
-        raise ConfigError(f"probe.select_budget={select_budget} is not among slots={slots}")
+        raise ConfigError(
+            f"probe.select_budget={select_budget} is not among slots={slots}; pick one of them "
+            "(or 0: the paper's 2 when probed, else the listed budget closest to it)"
+        )
     outdir = pathlib.Path(outdir)
     results: dict[int, PositionResult] = {}
     for budget in slots:
@@ -859,6 +865,13 @@ def _parse_slots(text: str) -> list[int]:
 # ----------------------------------------------------------------------------- trained runs
 
 TERM_KEYS = {"ei": "EI", "ag": "AG", "sf": "SF", "ssim": "SSIM"}
+PAPER_SLOTS = 2  # the paper's STE edits two token positions
+
+
+def default_select_budget(slots: Sequence[int]) -> int:
+    """The budget whose positions go into ste.json when none is chosen: the paper's 2 slots if
+    probed, else the probed budget closest to 2 (the smaller on a tie)."""
+    return min(sorted(int(s) for s in slots), key=lambda s: abs(s - PAPER_SLOTS))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -866,7 +879,9 @@ def default_config() -> ml_collections.ConfigDict:
     d = ProbeSettings()
     c = ml_collections.ConfigDict()
     c.slots = (1, 2, 3, 4)  # slot budgets probed (Table 7, Figure 6)
-    c.select_budget = 2  # the budget whose positions go into ste.json (the paper's 2 slots)
+    # The budget whose positions go into ste.json; 0 = the paper's 2 slots when probed, else the
+    # probed budget closest to 2 (so --slots=1 selects 1). Otherwise it must be one of `slots`.
+    c.select_budget = 0
     c.batch_size = 8  # global batch; divisible by the device count
     c.seed = d.seed  # selector / offset init, Gumbel noise and the data order
     c.steps = d.steps  # optimisation steps per slot budget
@@ -1005,6 +1020,7 @@ def main(argv: Sequence[str]) -> None:
         with cfg.unlocked():
             cfg.slots = tuple(_parse_slots(f.slots))
     outdir = pathlib.Path(f.out) if f.out else pathlib.Path(f.workdir) / "probe"
+    paths.check_output_folder(outdir, "--out")
     report = probe_workdir(f.workdir, cfg, outdir=outdir, progress=True)
     print(_summary(report, outdir), flush=True)
 

@@ -16,7 +16,7 @@ returns::
 Run::
 
     python -m tokfusion_jax.sweep --sweep=configs/sweeps/slots.py --workdir=runs/sweep_slots \
-        --set=tokenizer.path=checkpoints/titok_l32 --set=data.root=data/msrs/train
+        --set=tokenizer.path=weights/titok_l32 --set=data.root=data/MSRS/train
 
 Each variant trains in ``WORKDIR/<name>`` with `trainer.train_and_evaluate` (which resumes from
 its own checkpoints), is scored on every evaluation set by the benchmark evaluator
@@ -43,7 +43,7 @@ from typing import Any
 
 import ml_collections
 
-from tokfusion_jax import configlib
+from tokfusion_jax import configlib, paths
 from tokfusion_jax.configlib import apply_overrides
 from tokfusion_jax.errors import ConfigError
 from tokfusion_jax.probe import write_bytes_atomic, write_json
@@ -412,6 +412,7 @@ def main(argv: Sequence[str]) -> None:
         raise ConfigError("--workdir is required (one sub-folder per variant goes there)")
     if f.sweep is None:
         raise ConfigError("--sweep is required, e.g. --sweep=configs/sweeps/slots.py")
+    paths.check_output_folder(f.workdir, "--workdir")
     spec = flags.FLAGS["sweep"].config_filename
     path = pathlib.Path(spec.partition(":")[0]).expanduser().resolve()
     only = [x for x in (f.only or "").split(",") if x]

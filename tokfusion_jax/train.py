@@ -1,7 +1,7 @@
 """Training CLI: flags and config only; the work happens in `tokfusion_jax.trainer`.
 
     python -m tokfusion_jax.train --config=configs/ivif.py --workdir=runs/ivif \
-        --config.tokenizer.path=checkpoints/titok_l32 --config.data.root=data/msrs/train
+        --config.tokenizer.path=weights/titok_l32 --config.data.root=data/MSRS/train
 
 Rerunning the same command resumes from the newest checkpoint in ``--workdir``. SIGTERM / Ctrl-C
 save a checkpoint and exit cleanly. ``--config.train.init_from=runs/other`` starts a new run
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from absl import flags, logging
 from ml_collections import config_flags
 
+from tokfusion_jax import paths
 from tokfusion_jax.errors import ConfigError, run_absl
 
 FLAGS = flags.FLAGS
@@ -35,6 +36,7 @@ def main(argv: Sequence[str]) -> None:
         raise ConfigError("--config is required, e.g. --config=configs/ivif.py")
     if not _WORKDIR.value:
         raise ConfigError("--workdir is required, e.g. --workdir=runs/ivif")
+    paths.check_output_folder(_WORKDIR.value, "--workdir")
 
     if not FLAGS["verbosity"].present:  # keep library INFO logs (orbax) out of the console
         logging.set_verbosity(logging.WARNING)

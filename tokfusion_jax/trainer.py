@@ -38,6 +38,7 @@ import numpy as np
 from tokfusion_jax import checkpointing, compile_options, loop, losses, optim
 from tokfusion_jax import sharding as shd
 from tokfusion_jax.errors import CheckpointError, ConfigError, DataError
+from tokfusion_jax.models import config as model_config
 from tokfusion_jax.models import titok
 from tokfusion_jax.models.fusion import TokFusion
 
@@ -416,10 +417,9 @@ def resolve_tokenizer(
     path = workdir / "tokenizer"
     if (path / "tokenizer.json").exists():
         return titok.load(path, sharding=sharding), str(path)
+    shape = model_config.token_shape_or_default(config.model.tokens)
     tiny = random_tiny_tokenizer_config(
-        int(cfg.random_tiny_image_size),
-        int(config.model.tokens.num_tokens),
-        int(config.model.tokens.token_dim),
+        int(cfg.random_tiny_image_size), shape["num_tokens"], shape["token_dim"]
     )
     tok = titok.create(tiny, seed=int(config.train.seed))
     if jax.process_index() == 0:
@@ -437,21 +437,15 @@ def _sync(name: str) -> None:
     shd.host_barrier(name)
 
 
-def _check_tokenizer_matches(config, tok: titok.Tokenizer | None) -> None:
-    if tok is None:
-        return
-    t = config.model.tokens
-    pairs = [
-        ("num_tokens", t.num_tokens, tok.config.num_tokens),
-        ("token_dim", t.token_dim, tok.config.token_size),
-        ("input_size", t.input_size, tok.config.image_size),
-    ]
-    for key, want, got in pairs:
-        if config.model.use_tokens and want != got:
-            raise ConfigError(
-                f"config.model.tokens.{key}={want} does not match the tokenizer at "
-                f"{config.tokenizer.path or 'workdir/tokenizer'} ({got})"
-            )
+def _resolve_token_shape(
+    config: ml_collections.ConfigDict, tok: titok.Tokenizer | None, path: str
+) -> None:
+    """config.model.tokens from the tokenizer (pinned keys must agree), in place."""
+    tokens = config.model.tokens
+    if config.model.use_tokens and tok is not None:
+        model_config.resolve_token_shape(tokens, tok.config, f"the tokenizer at {path}")
+    else:  # the no-token ablation never reads tokens: any shape builds it
+        tokens.update(model_config.token_shape_or_default(tokens))
 
 
 _host_scalars = loop.host_scalars  # averaged per-step metrics
@@ -485,7 +479,7 @@ def train_and_evaluate(
     _sync("before-tokenizer")
     # Loaded straight onto the (global) mesh, replicated: every process restores its own copy.
     tok, tok_path = resolve_tokenizer(config, workdir, sharding=shd.replicated(mesh))
-    _check_tokenizer_matches(config, tok)
+    _resolve_token_shape(config, tok, tok_path)
     use_cache = bool(config.data.token_cache) and tok is not None
     frozen = None if use_cache else tok
     frozen_shardings = None

@@ -2,9 +2,9 @@
 the three infrared-visible test sets of paper Table 1.
 
     python -m tokfusion_jax.sweep --sweep=configs/sweeps/baselines.py --workdir=runs/sweep_base \
-        --sweep.vars.m3fd_root=data/m3fd/test --sweep.vars.roadscene_root=data/roadscene/test \
-        --sweep.vars.tno_root=data/tno/test \
-        --set=tokenizer.path=checkpoints/titok_l32 --set=data.root=data/msrs/train
+        --sweep.vars.m3fd_root=data/M3FD --sweep.vars.roadscene_root=data/roadscene_test \
+        --sweep.vars.tno_root=data/TNO \
+        --set=tokenizer.path=weights/titok_l32 --set=data.root=data/MSRS/train
 """
 
 from __future__ import annotations

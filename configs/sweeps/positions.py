@@ -1,8 +1,8 @@
 """Token-position ablation (paper Table 3): no editing, position 12 only, 18 only, 12 + 18.
 
     python -m tokfusion_jax.sweep --sweep=configs/sweeps/positions.py --workdir=runs/sweep_pos \
-        --sweep.vars.m3fd_root=data/m3fd/test \
-        --set=tokenizer.path=checkpoints/titok_l32 --set=data.root=data/msrs/train
+        --sweep.vars.m3fd_root=data/M3FD \
+        --set=tokenizer.path=weights/titok_l32 --set=data.root=data/MSRS/train
 
 Positions are TiTok-L-32's (paper §5.3); for another tokenizer pass ``:A,B`` (e.g.
 ``positions.py:18,60`` for B-64).

@@ -3,8 +3,8 @@
 Probe a trained run first (``python -m tokfusion_jax.probe --workdir=runs/ivif``), then::
 
     python -m tokfusion_jax.sweep --sweep=configs/sweeps/slots.py:runs/ivif/probe/probe.json \
-        --workdir=runs/sweep_slots --sweep.vars.m3fd_root=data/m3fd/test \
-        --set=tokenizer.path=checkpoints/titok_l32 --set=data.root=data/msrs/train
+        --workdir=runs/sweep_slots --sweep.vars.m3fd_root=data/M3FD \
+        --set=tokenizer.path=weights/titok_l32 --set=data.root=data/MSRS/train
 
 The argument is the probe's ``probe.json``: slot budget k uses the positions that the probe's
 k-slot selector chose, and the channels it ranked. Without it only budgets 1 and 2 run, with the

@@ -3,9 +3,9 @@
 Convert the three official checkpoints (``python -m convert ...``), then::
 
     python -m tokfusion_jax.sweep --sweep=configs/sweeps/tokens.py --workdir=runs/sweep_tokens \
-        --sweep.vars.s128=checkpoints/titok_s128 --sweep.vars.b64=checkpoints/titok_b64 \
-        --sweep.vars.l32=checkpoints/titok_l32 --sweep.vars.m3fd_root=data/m3fd/test \
-        --set=data.root=data/msrs/train
+        --sweep.vars.s128=weights/titok_s128 --sweep.vars.b64=weights/titok_b64 \
+        --sweep.vars.l32=weights/titok_l32 --sweep.vars.m3fd_root=data/M3FD \
+        --set=data.root=data/MSRS/train
 
 STE positions are the paper's (Table 4: sharp / blur positions 69 / 20, 18 / 60, 12 / 18; see
 configs/ste/); re-probe each tokenizer for your own data.

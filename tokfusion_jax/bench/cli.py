@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from tokfusion_jax import errors
+from tokfusion_jax import errors, paths
 from tokfusion_jax.bench import DESCRIPTION
 from tokfusion_jax.bench.cddfuse_rows import bench_cddfuse, bench_fuse_memory
 from tokfusion_jax.bench.fusion_rows import bench_fuse, bench_train
@@ -150,6 +150,9 @@ def report_from_json(paths: Sequence[str], settings: Settings) -> tuple[list[Row
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Command-line entry point: runs the rows, prints the table and ratios, writes JSON."""
     settings, args = parse_settings(argv)
+    for flag, path in (("--json", args.json), ("--table", args.table)):
+        if path:  # checked now, not after minutes of timing
+            paths.check_output_file(path, flag, overwrite=True)
     if args.from_json:
         rows, text = report_from_json(args.from_json.split(","), settings)
         print(text)

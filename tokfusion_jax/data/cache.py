@@ -1,9 +1,9 @@
 """Token cache: the frozen tokenizer's tokens of every image, computed once.
 
-    python -m tokfusion_jax.data.cache --config=configs/ivif.py --out=cache/msrs_l32 \\
-        --config.tokenizer.path=checkpoints/titok_l32 --config.data.root=data/msrs/train
-    python -m tokfusion_jax.data.cache --dataset=msrs --root=data/msrs/train \\
-        --tokenizer=checkpoints/titok_l32 --out=cache/msrs_l32
+    python -m tokfusion_jax.data.cache --config=configs/ivif.py --out=data/token_cache \\
+        --config.tokenizer.path=weights/titok_l32 --config.data.root=data/MSRS/train
+    python -m tokfusion_jax.data.cache --dataset=msrs --root=data/MSRS/train \\
+        --tokenizer=weights/titok_l32 --out=data/token_cache
 
 The tokens are a pure function of (image bytes, tokenizer, preprocessing): the image's luma,
 resized (bicubic, antialiased) to the tokenizer's image size, clipped to [0, 1] and replicated
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from tokfusion_jax import paths
 from tokfusion_jax.data import io as imio
 from tokfusion_jax.data import transforms
 from tokfusion_jax.errors import ConfigError, DataError
@@ -349,6 +350,9 @@ def main(argv: Sequence[str]) -> None:
         raise ConfigError("no tokenizer: pass --tokenizer=DIR or set config.tokenizer.path")
     if not FLAGS.out:
         raise ConfigError("--out=DIR is required")
+    paths.check_output_folder(FLAGS.out, "--out")
+    if FLAGS.batch_size < 1:
+        raise ConfigError(f"--batch_size={FLAGS.batch_size}: expected >= 1")
     allow_unpaired = FLAGS.allow_unpaired or bool(
         config is not None and config.data.get("allow_unpaired")
     )
@@ -381,7 +385,9 @@ def _define_flags() -> None:
     flags.DEFINE_multi_string("root", [], "dataset root(s) (without --config); repeatable")
     flags.DEFINE_string("tokenizer", "", "converted TiTok folder (overrides config.tokenizer.path)")
     flags.DEFINE_integer("batch_size", 32, "images per encode call (over all devices)")
-    flags.DEFINE_string("dtype", "float32", "compute dtype of the tokenizer")
+    flags.DEFINE_enum(
+        "dtype", "float32", ["float32", "bfloat16", "float16"], "compute dtype of the tokenizer"
+    )
     flags.DEFINE_integer("min_size", 16, "smallest accepted image side (without --config)")
     flags.DEFINE_bool("allow_unpaired", False, "skip files present in one modality folder only")
 

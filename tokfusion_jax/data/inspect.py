@@ -1,7 +1,7 @@
 """Summarises a paired dataset and writes a grid of sample pairs.
 
-    python -m tokfusion_jax.data.inspect --dataset=roadscene --root=data/roadscene/test
-    python -m tokfusion_jax.data.inspect --dataset=bundle --root=data/msrs/test --grid=msrs.png
+    python -m tokfusion_jax.data.inspect --dataset=roadscene --root=data/roadscene_test
+    python -m tokfusion_jax.data.inspect --dataset=bundle --root=data/MSRS/test --grid=msrs.png
 
 Prints the pair count, the image sizes, pixel modes and file formats of each modality after
 checking every pair (headers; float images are decoded to find NaN/Inf pixels), and with

@@ -230,6 +230,12 @@ class Conv2d(nn.Module):
         return y
 
 
+def stats_dtype(dtype: Dtype) -> Any:
+    """Where statistics, normalisations and softmax run: float32, or float64 for a float64 model
+    (half-precision compute still gets float32 statistics)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 class WithBiasLayerNorm(nn.Module):
     """Restormer 'WithBias' LayerNorm over the channel axis, computed in float32."""
 
@@ -240,7 +246,7 @@ class WithBiasLayerNorm(nn.Module):
         c = x.shape[-1]
         weight = self.param("weight", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(stats_dtype(self.dtype))
         mean = x32.mean(axis=-1, keepdims=True)
         var = jnp.mean((x32 - mean) ** 2, axis=-1, keepdims=True)  # biased
         y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * weight + bias
@@ -260,14 +266,16 @@ def channel_attention(q: Array, k: Array, v: Array, temperature: Array, heads: i
     def split(t: Array) -> Array:  # (B, H, W, C) -> (B, H*W, heads, c)
         return t.reshape(b, h * w, heads, c // heads)
 
+    acc = stats_dtype(dtype)
+
     def l2n(t: Array) -> Array:
-        t = t.astype(jnp.float32)
+        t = t.astype(acc)
         norm = jnp.sqrt(jnp.sum(t * t, axis=1, keepdims=True))
         return (t / jnp.maximum(norm, L2_EPS)).astype(dtype)
 
     qh, kh, vh = l2n(split(q)), l2n(split(k)), split(v)
-    logits = jnp.einsum("bnhc,bnhd->bhcd", qh, kh, preferred_element_type=jnp.float32)
-    logits = logits * temperature.astype(jnp.float32)[None, :, None, None]
+    logits = jnp.einsum("bnhc,bnhd->bhcd", qh, kh, preferred_element_type=acc)
+    logits = logits * temperature.astype(acc)[None, :, None, None]
     attn = jax.nn.softmax(logits, axis=-1).astype(dtype)  # (B, heads, c, c)
     out = jnp.einsum("bhcd,bnhd->bnhc", attn, vh)
     return out.reshape(b, h, w, c)
@@ -422,10 +430,11 @@ class DetailNode(nn.Module):
         """Inverts `__call__`: returns the (z1, z2) that produced the given outputs."""
         z1 = (z1 - self.eta(z2)) * jnp.exp(-self.rho(z2))
         z2 = z2 - self.phi(z1)
-        y = jnp.concatenate([z1, z2], axis=-1).astype(jnp.float32)
+        acc = stats_dtype(self.dtype)
+        y = jnp.concatenate([z1, z2], axis=-1).astype(acc)
         # The shuffle conv is y = x W + b with W (dim, dim): x = (y - b) W^-1.
         params = self.shuffle.variables["params"]
-        w = params["kernel"][0, 0].astype(jnp.float32)  # (dim_in, dim_out)
+        w = params["kernel"][0, 0].astype(acc)  # (dim_in, dim_out)
         x = (y - params["bias"]) @ jnp.linalg.inv(w)
         z1, z2 = jnp.split(x.astype(self.dtype), 2, axis=-1)
         return z1, z2
@@ -521,7 +530,8 @@ class Decoder(nn.Module):
             x = block(self.dim, self.heads, self.expansion, self.dtype, name=f"level2_{i}")(x)
         x = Conv2d(self.dim // 2, 3, dtype=self.dtype, name="head_0")(x)
         x = nn.leaky_relu(x, negative_slope=0.01)
-        x = Conv2d(1, 3, dtype=self.dtype, name="head_1")(x).astype(jnp.float32)
+        out = stats_dtype(self.dtype)  # float32 (float64 for a float64 model)
+        x = Conv2d(1, 3, dtype=self.dtype, name="head_1")(x).astype(out)
         if residual is not None:
-            x = x + residual.astype(jnp.float32)
+            x = x + residual.astype(out)
         return jax.nn.sigmoid(x)

@@ -6,7 +6,12 @@ Every key is documented where it is set. `model_config()` returns a fresh, unloc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
+
+from tokfusion_jax.errors import ConfigError
 
 RESIDUAL_MODES = ("sum", "vis", "none")
 TOKEN_SOURCES = ("quantized", "continuous", "normalized")
@@ -62,6 +67,8 @@ def model_config() -> ml_collections.ConfigDict:
     # "quantized": the unit-norm codebook vectors TiTok.encode returns; "continuous": the raw
     # encoder latent; "normalized": the latent l2-normalised over channels.
     c.tokens.source = "quantized"
+    # The token shape. Training configs leave these unset (None): they come from the tokenizer
+    # (`resolve_token_shape`); a value set here pins it, and the tokenizer must then agree.
     c.tokens.num_tokens = 32  # N (TiTok-L-32: 32)
     c.tokens.token_dim = 12  # C (TiTok-L-32: 12)
     c.tokens.input_size = 256  # side of the square image the tokenizer sees (its image_size)
@@ -96,3 +103,49 @@ def cddfuse_model_config(residual: str = "vis") -> ml_collections.ConfigDict:
     c.share_encoder = True
     c.residual = residual
     return c
+
+
+# model.tokens key -> the TiTokConfig field that fixes it.
+TOKEN_SHAPE_FIELDS = {
+    "num_tokens": "num_tokens",
+    "token_dim": "token_size",
+    "input_size": "image_size",
+}
+
+
+def unset_token_shape(tokens: ml_collections.ConfigDict) -> None:
+    """Leaves the token shape to the tokenizer: each key becomes an int placeholder (None)."""
+    for key in TOKEN_SHAPE_FIELDS:
+        tokens[key] = ml_collections.config_dict.placeholder(int)
+
+
+def resolve_token_shape(
+    tokens: ml_collections.ConfigDict, tokenizer_config: Any, where: str = "the tokenizer"
+) -> dict[str, int]:
+    """Fills the unset (None) token-shape keys of ``model.tokens`` from the tokenizer, in place.
+
+    Keys the config pins must agree with the tokenizer: every disagreement is reported in one
+    `ConfigError`. Returns the resolved {key: value}.
+    """
+    want = {key: int(getattr(tokenizer_config, field)) for key, field in TOKEN_SHAPE_FIELDS.items()}
+    pinned = {k: tokens.get(k) for k in TOKEN_SHAPE_FIELDS if tokens.get(k) is not None}
+    wrong = [f"{k}={v} (tokenizer: {want[k]})" for k, v in pinned.items() if int(v) != want[k]]
+    if wrong:
+        raise ConfigError(
+            f"config.model.tokens does not match {where}: {', '.join(wrong)}; set the tokenizer's "
+            "values, or leave these keys unset (as configs/ivif.py and configs/mif.py do) to take "
+            "them from the tokenizer, and re-probe the STE positions (python -m "
+            "tokfusion_jax.probe) for a new tokenizer"
+        )
+    for key, value in want.items():
+        tokens[key] = value
+    return want
+
+
+def token_shape_or_default(tokens: Mapping[str, Any]) -> dict[str, int]:
+    """The token shape of ``model.tokens`` with unset keys at the paper's TiTok-L-32 values."""
+    default = model_config().tokens
+    return {
+        k: int(tokens.get(k) if tokens.get(k) is not None else default[k])
+        for k in TOKEN_SHAPE_FIELDS
+    }

@@ -49,7 +49,13 @@ import numpy as np
 
 from tokfusion_jax.errors import ConfigError
 from tokfusion_jax.models import backbone, interface
-from tokfusion_jax.models.config import DTYPES, RESIDUAL_MODES, TOKEN_SOURCES, model_config
+from tokfusion_jax.models.config import (
+    DTYPES,
+    RESIDUAL_MODES,
+    TOKEN_SOURCES,
+    model_config,
+    token_shape_or_default,
+)
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -113,6 +119,11 @@ def _has(cfg: Any, key: str) -> bool:
 
 def _int(cfg: Any, key: str, minimum: int = 1) -> int:
     v = _get(cfg, key)
+    if v is None and key.startswith("tokens."):
+        raise ConfigError(
+            f"model.{key} is unset: training takes it from the tokenizer "
+            "(models.config.resolve_token_shape); set it to build the model without one"
+        )
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ConfigError(f"model.{key}: expected an integer >= {minimum}, got {v!r}")
     return v
@@ -583,7 +594,11 @@ def _main(argv: list[str]) -> None:
     elif "model" not in config:
         raise ConfigError("--config: get_config() has no 'model' section")
     else:
-        cfg_model = config.model
+        cfg_model = ml_collections.ConfigDict(config.model.to_dict())
+        shape = token_shape_or_default(cfg_model.tokens)
+        if any(cfg_model.tokens.get(k) is None for k in shape):
+            print(f"(unset token-shape keys come from the tokenizer; shown as TiTok-L-32: {shape})")
+        cfg_model.tokens.update(shape)
     print(summary(cfg_model))
 
 

@@ -825,8 +825,7 @@ def save(
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    if path.exists() and not (path.is_dir() and _is_tokenizer_dir_or_empty(path)):
-        raise CheckpointError(f"{path} exists and is not a TiTok tokenizer directory; not touched")
+    check_save_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sha = tok.sha256 or params_sha256(tok.params)
     record = {
@@ -850,6 +849,13 @@ def save(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def check_save_path(path: str | os.PathLike) -> None:
+    """`save` may write `path`: it is new, empty or an earlier tokenizer directory."""
+    path = Path(path).absolute()
+    if path.exists() and not (path.is_dir() and _is_tokenizer_dir_or_empty(path)):
+        raise CheckpointError(f"{path} exists and is not a TiTok tokenizer directory; not touched")
 
 
 def _is_tokenizer_dir_or_empty(path: Path) -> bool:
