@@ -421,7 +421,7 @@ def write_outputs(
 
 def tokenizer_domains(source: sources.PairedSource) -> tuple[str, str]:
     """(domain of the vis slot, domain of the ir slot): medical pairs are medical on both sides."""
-    return ("medical", "medical") if source.is_medical else ("visible", "infrared")
+    return sources.pair_domains(source)
 
 
 def reconstruction_scores(original: np.ndarray, recon: np.ndarray) -> dict[str, float]:
