@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -58,3 +59,18 @@ def apply_overrides(
         except TypeError as e:
             raise ConfigError(f"{where}: override {key}={value!r}: {e}") from None
     return out
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl flag parsing for the ``--config`` CLIs: a config error (unknown key, wrong type,
+    unreadable file) becomes one ``error: invalid --config ...`` line and exit status 2."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        detail = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'\" ").split())
+        where = f" (overrides: {', '.join(overrides)})" if overrides else ""
+        print(f"error: invalid --config{where}: {detail}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -10,12 +10,12 @@ another run's weights.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from tokfusion_jax.configlib import parse_flags
 from tokfusion_jax.errors import ConfigError, cli_main
 
 FLAGS = flags.FLAGS
@@ -26,18 +26,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, export).")
-
-
-def parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl parsing with config errors (unknown key, wrong type) as one-line ConfigErrors."""
-    try:
-        return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        detail = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'\" ").split())
-        where = f" (overrides: {', '.join(overrides)})" if overrides else ""
-        print(f"error: invalid --config{where}: {detail}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 @cli_main
