@@ -18,7 +18,7 @@ from PIL import Image
 
 from tokfusion_jax import configlib, optim, titok_train
 from tokfusion_jax import sharding as shd
-from tokfusion_jax.errors import ConfigError
+from tokfusion_jax.errors import ConfigError, NonFiniteError
 from tokfusion_jax.models import titok
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -244,18 +244,39 @@ def test_finetune_decoder_only_freezes_the_rest(tiny_images, tmp_path):
         titok_train.train(bad, tmp_path / "ft")
 
 
-def test_vae_mode_trains_with_the_kl_term(tiny_images, tmp_path):
+def test_vae_mode_trains_and_a_nan_stops_the_run(tiny_images, tmp_path):
+    """VAE bottleneck (KL term, no codebook); a NaN loss from step 5 stops the run there."""
     config = tiny_config(
         tiny_images,
-        **{"model.quantize_mode": "vae", "train.steps": 4, "val.every_steps": 0, "loss.kl": 1e-3},
+        **{
+            "model.quantize_mode": "vae",
+            "train.steps": 8,
+            "train.checkpoint_every_steps": 2,
+            "train.debug_nan_step": 5,
+            "val.every_steps": 0,
+            "loss.kl": 1e-3,
+            "data.shuffle": False,
+        },
     )
-    result = titok_train.train(config, tmp_path / "vae")
-    last = [r for r in _metrics(result.workdir) if "train/loss" in r][-1]
-    assert "train/kl" in last and "train/commitment" not in last and last["train/kl"] > 0
-    tok = titok.load(result.tokenizer_dir)
-    assert tok.config.quantize_mode == "vae" and "quantize" not in tok.params
+    with pytest.raises(NonFiniteError) as info:
+        titok_train.train(config, tmp_path / "vae")
+    message = str(info.value)
+    assert "at step 5" in message and "checkpoints/4" in message, message
+    assert "batch [" in message and ":vis" in message, message  # the images of that batch
+    records = [r for r in _metrics(tmp_path / "vae") if "train/loss" in r]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all("train/kl" in r and "train/commitment" not in r for r in records)
+    assert records[-1]["train/kl"] > 0
+    steps = sorted(int(p.name) for p in (tmp_path / "vae" / "checkpoints").iterdir())
+    assert steps == [2, 4]  # nothing written from the non-finite state
+    state = state_leaves(tmp_path / "vae", 4)
+    assert int(state["step"]) == 4 and int(state["nonfinite_step"]) == -1
+    assert "quantize" not in state["params"] and not state["usage"]
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state))
+    # The VAE encodes to its posterior mean.
+    tok = titok.from_params(titok_train.architecture(config), state["params"])
     out = titok.encode(tok, jnp.zeros((2, SIZE, SIZE, 3)))
-    np.testing.assert_array_equal(out.quantized, out.continuous)  # the posterior mean
+    np.testing.assert_array_equal(out.quantized, out.continuous)
 
 
 def test_trainable_spec_and_config_checks():
