@@ -8,9 +8,12 @@ Run (from the repository root)::
 
 Variants by argument:
 
-* ``configs/ivif.py:demo`` -- the sample pairs shipped in the package and a tiny tokenizer with
-  RANDOM weights created on the fly; both stages in a few minutes on a CPU (``make demo``).
+* ``configs/ivif.py:demo`` -- the sample pairs shipped in the package and the small trained
+  tokenizer packaged with it (64x64 input, 32 tokens x 12 dims, with the STE mask its probe
+  found); both stages in a few minutes on a CPU (``make demo``).
 * ``configs/ivif.py:tiny`` -- the real setting shrunk to a seconds-scale model (smoke tests).
+* ``configs/ivif.py:quick`` -- the ``tiny`` model with the packaged trained tokenizer (the
+  notebooks' quick mode).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def _common():
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg``: None/"" (the paper's run), "demo" or "tiny"."""
+    """``arg``: None/"" (the paper's run), "demo", "tiny" or "quick"."""
     common = _common()
     c = common.base_config()
     c.data.dataset = "msrs"
@@ -39,11 +42,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg in (None, ""):
         return c
-    if arg == "tiny":
+    if arg in ("tiny", "quick"):
         common.shrink_to_tiny(c)
+        if arg == "quick":
+            common.use_packaged_tokenizer(c)
         return c
     if arg == "demo":
         common.shrink_to_tiny(c, image_size=64)
+        common.use_packaged_tokenizer(c)
         c.data.dataset = "samples"  # the pairs in tokfusion_jax/assets/samples
         c.data.root = common.UNSET  # UNSET = the packaged infrared-visible samples
         c.val.dataset = "samples"  # validation and the final report fuse the same pairs
@@ -64,4 +70,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.async_checkpoints = True
         c.train.demo_report = True  # fuse the samples and print the metrics table at the end
         return c
-    raise ValueError(f"configs/ivif.py: unknown variant {arg!r} (expected '', 'demo' or 'tiny')")
+    raise ValueError(
+        f"configs/ivif.py: unknown variant {arg!r} (expected '', 'demo', 'tiny' or 'quick')"
+    )

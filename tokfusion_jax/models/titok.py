@@ -53,6 +53,10 @@ FORMAT_NAME = "tokfusion_jax.titok"
 FORMAT_VERSION = 1
 METADATA_FILE = "tokenizer.json"
 PARAMS_DIR = "params"
+# The tokenizer that ships with the package: trained with `python -m tokfusion_jax.titok_train
+# --config=configs/titok.py` on the fusion data (64x64 input, 32 tokens x 12 dims, VQ); see the
+# README beside it.
+PACKAGED_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "titok_fusion64"
 
 LN_EPS = 1e-5  # LayerNorm epsilon of both ViTs
 GN_EPS = 1e-6  # GroupNorm epsilon of the pixel decoder
