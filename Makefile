@@ -27,7 +27,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix $(SRC)
 	$(VENV)/bin/ruff format $(SRC)
 
-# Both training stages on the bundled sample pairs with a tiny random-weight tokenizer (CPU,
+# Both training stages on the bundled sample pairs with the packaged trained tokenizer (CPU,
 # a few minutes), then the fused images and a metrics table against average/max fusion.
 demo: $(STAMP)
 	$(PY) -m tokfusion_jax.train --config=configs/ivif.py:demo --workdir=runs/demo

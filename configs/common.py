@@ -9,6 +9,8 @@ anything runs.
 
 from __future__ import annotations
 
+import pathlib
+
 import ml_collections
 
 from tokfusion_jax.data.config import data_config
@@ -117,6 +119,25 @@ def apply_cddfuse_recipe(c: ml_collections.ConfigDict) -> None:
     c.optim = optim_config()
     c.loss = loss_weights_config()
     c.loss.rec = 0.0  # CDDFuse computes the fused SSIM + MSE terms but never adds them
+
+
+def use_packaged_tokenizer(c: ml_collections.ConfigDict) -> None:
+    """Points a config at the tokenizer packaged with tokfusion_jax (in place).
+
+    It is a small TiTok trained on the fusion data (64x64 input, 32 tokens x 12 dims;
+    tokfusion_jax/assets/titok_fusion64/README.md), with the STE mask its probe found
+    (configs/ste/titok_fusion64.json).
+    """
+    from tokfusion_jax import probe
+    from tokfusion_jax.models import titok
+
+    c.tokenizer.path = str(titok.PACKAGED_TOKENIZER)
+    c.tokenizer.random_tiny = False
+    c.model.tokens.num_tokens = 32
+    c.model.tokens.token_dim = 12
+    c.model.tokens.input_size = 64
+    snippet = pathlib.Path(__file__).with_name("ste") / "titok_fusion64.json"
+    c.model.ste = probe.load_ste_snippet(snippet, num_tokens=32, token_dim=12)
 
 
 def shrink_to_tiny(c: ml_collections.ConfigDict, image_size: int = 32) -> None:

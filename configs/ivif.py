@@ -8,8 +8,9 @@ Run (from the repository root)::
 
 Variants by argument:
 
-* ``configs/ivif.py:demo`` -- the sample pairs shipped in the package and a tiny tokenizer with
-  RANDOM weights created on the fly; both stages in a few minutes on a CPU (``make demo``).
+* ``configs/ivif.py:demo`` -- the sample pairs shipped in the package and the small trained
+  tokenizer packaged with it (64x64 input, 32 tokens x 12 dims, with the STE mask its probe
+  found); both stages in a few minutes on a CPU (``make demo``).
 * ``configs/ivif.py:tiny`` -- the real setting shrunk to a seconds-scale model (smoke tests).
 * ``configs/ivif.py:cddfuse`` -- CDDFuse's own recipe (`common.apply_cddfuse_recipe`): the
   plain 2D network trained on 128 x 128 grid patches of MSRS exactly as its train.py does, the
@@ -17,6 +18,8 @@ Variants by argument:
 
       python -m tokfusion_jax.train --config=configs/ivif.py:cddfuse --workdir=runs/cddfuse \
           --config.data.root=data/msrs/train --config.data.val_root=data/roadscene/val
+* ``configs/ivif.py:quick`` -- the ``tiny`` model with the packaged trained tokenizer (the
+  notebooks' quick mode).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def _common():
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg``: None/"" (the paper's run), "demo", "tiny" or "cddfuse"."""
+    """``arg``: None/"" (the paper's run), "demo", "tiny", "quick" or "cddfuse"."""
     common = _common()
     c = common.base_config()
     c.data.dataset = "msrs"
@@ -45,14 +48,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg in (None, ""):
         return c
-    if arg == "tiny":
+    if arg in ("tiny", "quick"):
         common.shrink_to_tiny(c)
+        if arg == "quick":
+            common.use_packaged_tokenizer(c)
         return c
     if arg == "cddfuse":
         common.apply_cddfuse_recipe(c)
         return c
     if arg == "demo":
         common.shrink_to_tiny(c, image_size=64)
+        common.use_packaged_tokenizer(c)
         c.data.dataset = "samples"  # the pairs in tokfusion_jax/assets/samples
         c.data.root = common.UNSET  # UNSET = the packaged infrared-visible samples
         c.val.dataset = "samples"  # validation and the final report fuse the same pairs
@@ -74,5 +80,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.demo_report = True  # fuse the samples and print the metrics table at the end
         return c
     raise ValueError(
-        f"configs/ivif.py: unknown variant {arg!r} (expected '', 'demo', 'tiny' or 'cddfuse')"
+        f"configs/ivif.py: unknown variant {arg!r} (expected '', 'demo', 'tiny', 'quick' or "
+        "'cddfuse')"
     )

@@ -89,11 +89,11 @@ def tiny_export(tmp_path_factory) -> pathlib.Path:
 
 
 def quick_run_config():
-    """The notebooks' quick run: ``configs/ivif.py:tiny`` on the bundled samples with the random
-    tiny tokenizer, one step per stage, the 4 sample pairs as one batch."""
+    """The notebooks' quick run: ``configs/ivif.py:quick`` (the tiny model with the packaged
+    tokenizer) on the bundled samples, one step per stage, the 4 sample pairs as one batch."""
     from tokfusion_jax import configlib
 
-    config = configlib.load_config(REPO_ROOT / "configs" / "ivif.py", "tiny")
+    config = configlib.load_config(REPO_ROOT / "configs" / "ivif.py", "quick")
     config.data.dataset, config.data.root = "samples", ""
     config.val.dataset, config.data.val_root = "", ""
     config.train.stage1_epochs = config.train.stage2_epochs = 1

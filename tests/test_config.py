@@ -36,8 +36,12 @@ def test_paper_setting():
 def test_variants_load(name, arg):
     c = load(name, arg)
     assert c.train.stage1_epochs > 0 and c.train.stage2_epochs > 0
-    if arg in ("demo", "tiny"):
+    if arg == "tiny":
         assert c.tokenizer.random_tiny and c.model.dtype == "float32"
+    if arg == "demo":  # the packaged trained tokenizer, not random weights
+        assert not c.tokenizer.random_tiny and c.model.dtype == "float32"
+        assert pathlib.Path(c.tokenizer.path, "tokenizer.json").is_file()
+        assert c.model.tokens.input_size == 64 and c.data.image_size == 64
 
 
 def test_mif_validates_on_its_training_folder_by_default():

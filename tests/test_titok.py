@@ -421,3 +421,43 @@ def test_full_l32_encoder_and_quantizer_match_torch():
     np.testing.assert_allclose(
         out.quantized, cb[np.asarray(out.indices)], atol=2 * rounding_bound(2 * 12 + 8, 1.0)
     )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_storage_loads_float32(tmp_path, dtype):
+    """Stored at half size; `load` restores float32 values equal to the rounded weights."""
+    tok = titok.create(TiTokConfig.tiny(), seed=2)
+    full = titok.save(tok, tmp_path / "f32")
+    half = titok.save(tok, tmp_path / "half", storage_dtype=dtype)
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    assert size(half) < 0.6 * size(full)
+    loaded = titok.load(half)
+    rounded = jax.tree_util.tree_map(
+        lambda x: np.asarray(x).astype(jnp.dtype(dtype)).astype(np.float32), tok.params
+    )
+    for a, b in zip(
+        jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(rounded), strict=True
+    ):
+        assert a.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert loaded.sha256 == titok.params_sha256(loaded.params)
+    assert titok.read_metadata(half)["storage_dtype"] == dtype
+    with pytest.raises(ConfigError, match="storage_dtype"):
+        titok.save(tok, tmp_path / "bad", storage_dtype="int8")
+
+
+def test_latents_and_training_init():
+    cfg = TiTokConfig.tiny(quantize_mode="vq", is_legacy=False, codebook_size=16)
+    tok = titok.create(cfg, seed=0, scheme="titok")
+    k = cfg.codebook_size
+    emb = np.asarray(tok.params["quantize"]["embedding"])
+    assert emb.shape == (k, 12) and np.abs(emb).max() <= 1.0 / k
+    kernel = np.asarray(tok.params["encoder"]["transformer"]["blocks"]["c_fc"]["kernel"])
+    assert abs(kernel.std() - 0.02) < 0.002
+    pos = np.asarray(tok.params["encoder"]["positional_embedding"])
+    assert abs(pos.std() - cfg.enc_width**-0.5) < 0.2 * cfg.enc_width**-0.5
+    images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 32, 32, 3)), jnp.float32)
+    z = titok.TiTok(cfg).apply({"params": tok.params}, images, method=titok.TiTok.latents)
+    np.testing.assert_array_equal(z, titok.encode(tok, images).continuous)
+    with pytest.raises(ConfigError, match="init scheme"):
+        titok.create(cfg, scheme="xavier")

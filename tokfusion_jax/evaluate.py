@@ -490,7 +490,7 @@ def write_outputs(
 
 def tokenizer_domains(source: sources.PairedSource) -> tuple[str, str]:
     """(domain of the vis slot, domain of the ir slot): medical pairs are medical on both sides."""
-    return ("medical", "medical") if source.is_medical else ("visible", "infrared")
+    return sources.pair_domains(source)
 
 
 def reconstruction_scores(original: np.ndarray, recon: np.ndarray) -> dict[str, float]:
@@ -504,20 +504,23 @@ def reconstruction_scores(original: np.ndarray, recon: np.ndarray) -> dict[str, 
 
 
 def tokenizer_study(
-    tokenizer_dir: str,
+    tokenizer_dir: Any,
     datasets: Sequence[DatasetSpec],
     *,
     batch_size: int = 8,
     limit: int | None = None,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
-    """Per-image reconstruction scores and per-domain means {domain: {MSE, PSNR, SSIM, n}}."""
+    """Per-image reconstruction scores and per-domain means {domain: {MSE, PSNR, SSIM, n}}.
+
+    ``tokenizer_dir``: a tokenizer folder, or a loaded `titok.Tokenizer`.
+    """
     import jax.numpy as jnp
 
     from tokfusion_jax.data import transforms
     from tokfusion_jax.models import titok
 
-    tok = titok.load(tokenizer_dir)
+    tok = tokenizer_dir if isinstance(tokenizer_dir, titok.Tokenizer) else titok.load(tokenizer_dir)
     size = int(tok.config.image_size)
     items: list[tuple[str, str, str, imio.ImageRef]] = []
     for spec in datasets:

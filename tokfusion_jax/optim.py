@@ -170,3 +170,102 @@ def update_count(state: optax.OptState) -> jax.Array:
 def global_norms(tree: Mapping[str, PyTree]) -> dict[str, jax.Array]:
     """L2 norm of each top-level module's leaves (float32)."""
     return {name: optax.global_norm(sub).astype(jnp.float32) for name, sub in tree.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# AdamW with warm-up and cosine decay, and weight EMA (TiTok's training recipe)
+# ----------------------------------------------------------------------------------------------
+
+
+def adamw_config() -> ml_collections.ConfigDict:
+    """TiTok's optimiser settings (its stage-1 training config), the tokenizer trainer's default."""
+    o = ml_collections.ConfigDict()
+    o.lr = 1e-4  # peak learning rate, reached at the end of the warm-up
+    o.end_lr = 1e-5  # learning rate at the last step (cosine decay from the peak)
+    o.warmup_steps = 10_000  # linear warm-up from 0
+    o.b1 = 0.9
+    o.b2 = 0.99
+    o.eps = 1e-8
+    o.weight_decay = 1e-4  # decoupled (AdamW); not applied to norms, biases and embeddings
+    o.clip_norm = 1.0  # global L2 norm of the whole gradient (torch clip_grad_norm_); 0 = off
+    return o
+
+
+def warmup_cosine_schedule(
+    base_lr: float, warmup_steps: int, total_steps: int, end_lr: float
+) -> Callable[[jax.Array], jax.Array]:
+    """Learning rate of the update with index ``count`` (0-based).
+
+    ``base_lr * count / warmup`` during the warm-up, then a half cosine from ``base_lr`` down to
+    ``end_lr`` at ``total_steps`` (the official TiTok ``get_cosine_schedule_with_warmup``).
+    """
+
+    def schedule(count: jax.Array) -> jax.Array:
+        step = jnp.asarray(count, jnp.float32)
+        warm = step / jnp.float32(max(1, warmup_steps))
+        progress = (step - warmup_steps) / jnp.float32(max(1, total_steps - warmup_steps))
+        ratio = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+        cosine = (end_lr + (base_lr - end_lr) * ratio) / base_lr
+        return jnp.float32(base_lr) * jnp.where(step < warmup_steps, warm, cosine)
+
+    return schedule
+
+
+# Parameter names that get no weight decay (TiTok: gains, biases, norms and embeddings).
+NO_DECAY_KEYS = ("bias", "scale", "ln", "norm", "embed", "latent_tokens", "mask_token")
+
+
+def decay_mask(params: PyTree) -> PyTree:
+    """True for the leaves AdamW decays: every kernel whose path names no `NO_DECAY_KEYS`."""
+
+    def decays(path: tuple[Any, ...], leaf: Any) -> bool:
+        del leaf
+        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        return not any(key in name for name in names for key in NO_DECAY_KEYS)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def adamw(
+    optim_cfg: Mapping[str, Any], total_steps: int
+) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
+    """(optimiser, schedule): clip the global norm, AdamW with `decay_mask`, warm-up + cosine."""
+    schedule = warmup_cosine_schedule(
+        float(optim_cfg["lr"]),
+        int(optim_cfg["warmup_steps"]),
+        int(total_steps),
+        float(optim_cfg["end_lr"]),
+    )
+    parts = []
+    clip = float(optim_cfg["clip_norm"])
+    if clip > 0:
+        parts.append(clip_by_global_norm_torch(clip))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=float(optim_cfg["b1"]),
+            b2=float(optim_cfg["b2"]),
+            eps=float(optim_cfg["eps"]),
+            weight_decay=float(optim_cfg["weight_decay"]),
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts), schedule
+
+
+def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
+    """Decay of the weight EMA after the update with index ``step`` (0-based).
+
+    0 for the first update (the EMA starts as the weights), then ``(1 + step) / (10 + step)``,
+    capped at ``max_decay`` (the official TiTok EMAModel without warm-up power).
+    """
+    s = jnp.asarray(step, jnp.float32)
+    warm = (1.0 + s) / (10.0 + s)
+    return jnp.where(s <= 0, 0.0, jnp.minimum(warm, jnp.float32(max_decay)))
+
+
+def ema_update(ema: PyTree, params: PyTree, decay: jax.Array) -> PyTree:
+    """``decay * ema + (1 - decay) * params``, leaf by leaf."""
+    return jax.tree_util.tree_map(
+        lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params
+    )

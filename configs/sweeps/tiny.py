@@ -20,6 +20,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ("model.enc_blocks", 0),  # no transformer blocks: the sweep machinery is under test,
         ("model.dec_blocks", 0),  # and every graph compiles in a fraction of the time
         ("data.image_size", 32),
+        ("tokenizer.path", ""),  # the demo's packaged tokenizer is replaced by a random tiny one
+        ("tokenizer.random_tiny", True),
         ("tokenizer.random_tiny_image_size", 32),
         ("model.tokens.input_size", 32),
         ("model.coarse_size", 4),

@@ -69,30 +69,140 @@ def make_pipeline(
             "token_cache cannot be combined with crop_size/flip: cached tokens describe the "
             "whole unflipped image"
         )
+    decode = transforms.DecodePair(
+        image_size=transforms.as_size(image_size),
+        keep_color=keep_color,
+        min_size=min_size,
+        token_cache=token_cache,
+    )
+    return _build(
+        source,
+        decode,
+        what="pairs",
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        drop_remainder=drop_remainder,
+        process_index=process_index,
+        process_count=process_count,
+        worker_count=worker_count,
+        crop_size=crop_size,
+        flip=flip,
+        read_threads=read_threads,
+    )
+
+
+def make_image_pipeline(
+    source: Sequence[dict[str, Any]],
+    *,
+    batch_size: int,
+    image_size: int | tuple[int, int] | None = (256, 256),
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    drop_remainder: bool = True,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    flip: bool = False,
+    min_size: int = 16,
+    read_threads: int = 4,
+) -> grain.IterDataset:
+    """A batched grain dataset of single images (tokenizer training), checkpointable.
+
+    ``source`` holds records {"name", "image", "domain"} (`sources.image_sources`: both images
+    of paired folders, single folders, TFDS splits). Batches are {"image": (B, H, W, 1) float32
+    luma in [0, 1], "name": (B,) str, "domain": (B,) str}. The other arguments are those of
+    `make_pipeline`.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    decode = transforms.DecodeImage(image_size=transforms.as_size(image_size), min_size=min_size)
+    return _build(
+        source,
+        decode,
+        what="images",
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        drop_remainder=drop_remainder,
+        process_index=process_index,
+        process_count=process_count,
+        worker_count=worker_count,
+        crop_size=0,
+        flip=flip,
+        read_threads=read_threads,
+    )
+
+
+def decode_images(
+    source: Sequence[dict[str, Any]],
+    image_size: int | tuple[int, int],
+    *,
+    min_size: int = 16,
+    threads: int = 4,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Every image of ``source`` decoded once, as records {"name", "domain", "image" (H, W)}.
+
+    For datasets that fit in memory (a 64x64 float32 luma is 16 KiB): `make_image_pipeline`
+    then skips decoding and resizing, and yields the same batches as from ``source`` itself.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    decode = transforms.DecodeImage(image_size=transforms.as_size(image_size), min_size=min_size)
+
+    def one(index: int) -> dict[str, Any]:
+        out = decode.map(source[index])
+        return {**out, "image": out["image"][..., 0]}
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        jobs = pool.map(one, range(len(source)))
+        bar = tqdm(jobs, total=len(source), desc="decoding", unit="img", disable=not progress)
+        return list(bar)
+
+
+def _build(
+    source: Sequence[dict[str, Any]],
+    decode: grain.transforms.Map,
+    *,
+    what: str,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    drop_remainder: bool,
+    process_index: int | None,
+    process_count: int | None,
+    worker_count: int,
+    crop_size: int,
+    flip: bool,
+    read_threads: int,
+) -> grain.IterDataset:
+    """shard -> shuffle -> repeat -> ``decode`` -> [crop/flip] -> batch -> prefetch."""
     if process_index is None or process_count is None:
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
     if not 0 <= process_index < process_count:
         raise ConfigError(f"process_index {process_index} not in [0, {process_count})")
-    size = transforms.as_size(image_size)
 
     ds = grain.MapDataset.source(source)
     ds = ds[process_index::process_count]  # disjoint shards that cover the source
     if len(ds) == 0:
         raise ConfigError(
             f"process {process_index} of {process_count} gets no examples from a source of "
-            f"{len(source)} pairs"
+            f"{len(source)} {what}"
         )
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    ds = ds.map(
-        transforms.DecodePair(
-            image_size=size, keep_color=keep_color, min_size=min_size, token_cache=token_cache
-        )
-    )
+    ds = ds.map(decode)
     if crop_size or flip:
         ds = ds.random_map(transforms.RandomCropFlip(crop_size, flip), seed=seed)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=transforms.stack_batch)

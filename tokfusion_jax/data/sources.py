@@ -347,3 +347,154 @@ def from_preset(name: str, root: imio.PathLike, allow_unpaired: bool = False) ->
         modalities=_modalities_for(vis_dir, ir_dir),
         name=f"{name}:{os.path.basename(os.path.normpath(root))}",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Single-image sources (tokenizer training): records {"name": str, "image": path | bytes}
+# --------------------------------------------------------------------------------------------
+
+
+class ImageSource(Sequence[dict[str, Any]]):
+    """A random-access sequence of single images: records {"name", "image", "domain"}.
+
+    ``domain`` is "visible", "infrared", "medical" or "image" (a plain folder).
+    """
+
+    name: str = "images"
+
+    def __init__(self, items: Sequence[tuple[str, imio.ImageRef, str]], name: str) -> None:
+        if not items:
+            raise DataError(f"{name}: empty dataset, no images found")
+        self.items = list(items)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        name, ref, domain = self.items[index]
+        return {"name": name, "image": ref, "domain": domain}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} images)"
+
+
+def pair_domains(source: Any) -> tuple[str, str]:
+    """(domain of the vis slot, domain of the ir slot) of a paired source.
+
+    Medical pairs (MRI + CT / PET / SPECT) are "medical" on both sides, others "visible" and
+    "infrared".
+    """
+    modalities = getattr(source, "modalities", ("vis", "ir"))
+    return ("medical", "medical") if modalities[0] == "mri" else ("visible", "infrared")
+
+
+class PairImages(ImageSource):
+    """Both images of every pair of a paired source, one record each (vis slot first).
+
+    Names are ``<pair>:vis`` and ``<pair>:ir``. Works on any source of {"name", "vis", "ir"}
+    records (folders, manifests, TFDS splits); records are read lazily.
+    """
+
+    def __init__(self, source: Sequence[dict[str, Any]]) -> None:
+        self.source = source
+        self.name = str(getattr(source, "name", "pairs"))
+        self.domains = pair_domains(source)
+        if len(source) == 0:
+            raise DataError(f"{self.name}: empty dataset, no image pairs found")
+
+    def __len__(self) -> int:
+        return 2 * len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        pair, slot = divmod(int(index), 2)
+        rec = self.source[pair]
+        key = ("vis", "ir")[slot]
+        return {"name": f"{rec['name']}:{key}", "image": rec[key], "domain": self.domains[slot]}
+
+
+class ImageFolderSource(ImageSource):
+    """Every image of one folder (not recursive), in natural name order; domain "image"."""
+
+    def __init__(self, root: imio.PathLike, domain: str = "image") -> None:
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise DataError(f"{root}: image folder not found")
+        files = list_images(root)
+        stems = sorted(files, key=natural_key)
+        items = [(s, os.path.join(root, files[s]), domain) for s in stems]
+        super().__init__(items, f"folder:{os.path.basename(os.path.normpath(root))}")
+
+
+class ConcatSource(Sequence[dict[str, Any]]):
+    """Several sources one after another (random access by global index)."""
+
+    def __init__(self, parts: Sequence[Sequence[dict[str, Any]]]) -> None:
+        if not parts:
+            raise DataError("no image sources given")
+        self.parts = list(parts)
+        self.offsets = [0]
+        for p in self.parts:
+            self.offsets.append(self.offsets[-1] + len(p))
+        self.name = "+".join(str(getattr(p, "name", "?")) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = next(i for i in range(len(self.parts)) if index < self.offsets[i + 1])
+        return self.parts[part][index - self.offsets[part]]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"ConcatSource({self.name!r}, {len(self)} records)"
+
+
+FOLDER = "folder"  # image-source spec preset: one folder of single images
+
+
+def image_source(spec: str, *, allow_unpaired: bool = False, tfds_data_dir: str = "") -> Any:
+    """Single images from one spec ``PRESET=ROOT``.
+
+    * ``folder=DIR``: every image of DIR;
+    * a paired preset (``msrs=DIR``, ``harvard_ct=DIR``, ``bundle=DIR``, ``manifest=FILE``,
+      ``samples=`` ...): both images of every pair;
+    * ``tfds=NAME/SPLIT``: a prepared TFDS split in ``tfds_data_dir`` (one of this package's
+      paired builders, or any dataset with an ``image`` feature, e.g. ``imagenet2012/train``).
+    """
+    preset, sep, root = spec.partition("=")
+    preset, root = preset.strip(), root.strip()
+    if not sep or not preset:
+        raise DataError(f"image source {spec!r}: expected PRESET=ROOT (e.g. msrs=data/msrs/train)")
+    if preset == FOLDER:
+        return ImageFolderSource(os.path.expanduser(root))
+    if preset == "tfds":
+        from tokfusion_jax.data import tfds_builders
+
+        name, _, split = root.partition("/")
+        return tfds_builders.image_source(name, split or "train", tfds_data_dir)
+    root = os.path.expanduser(root) if root else root
+    return PairImages(from_preset(preset, root, allow_unpaired))
+
+
+def image_sources(
+    specs: str | Sequence[str], *, allow_unpaired: bool = False, tfds_data_dir: str = ""
+) -> Any:
+    """The images of comma-separated (or listed) specs, concatenated (see `image_source`)."""
+    if isinstance(specs, str):
+        specs = [specs]
+    items = [s.strip() for spec in specs for s in spec.split(",") if s.strip()]
+    if not items:
+        raise DataError("no image sources given (expected PRESET=ROOT[,PRESET=ROOT...])")
+    parts = [
+        image_source(s, allow_unpaired=allow_unpaired, tfds_data_dir=tfds_data_dir) for s in items
+    ]
+    return parts[0] if len(parts) == 1 else ConcatSource(parts)

@@ -224,6 +224,54 @@ def data_source(preset: str, split: str, data_dir: str) -> TfdsPairSource:
     return TfdsPairSource(ds, f"tfds:{BUILDER_NAMES[preset]}/{split}", mods)
 
 
+class TfdsImageSource:
+    """A TFDS split of single images as a source: records {"name", "image": bytes, "domain"}.
+
+    Reads ``image_key`` undecoded; names are ``<split>:<index>`` (or the dataset's ``file_name``
+    feature when it has one).
+    """
+
+    def __init__(self, data_source: Any, name: str, image_key: str = "image") -> None:
+        self._ds = data_source
+        self.name = name
+        self.image_key = image_key
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = self._ds[index]
+        label = ex.get("file_name", f"{self.name}:{index}")
+        label = label.decode() if isinstance(label, bytes) else str(label)
+        return {"name": label, "image": bytes(ex[self.image_key]), "domain": "image"}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in range(len(self)))
+
+
+def image_source(name: str, split: str, data_dir: str, image_key: str = "image") -> Any:
+    """Single images of a prepared TFDS split, for tokenizer training.
+
+    ``name`` is a preset of this module (``msrs``, ...) or its builder name (``tokfusion_msrs``):
+    both images of every pair; or any TFDS dataset with an ``image_key`` image feature (e.g.
+    ``imagenet2012``), read undecoded.
+    """
+    preset = name.removeprefix("tokfusion_")
+    if preset in BUILDERS:
+        return sources.PairImages(data_source(preset, split, data_dir))
+    try:
+        ds = tfds.data_source(
+            name,
+            split=split,
+            data_dir=os.fspath(data_dir) if data_dir else None,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+        )
+    except Exception as e:  # TFDS raises many types for a missing or unprepared dataset
+        msg = " ".join(str(e).split())[:200]
+        raise DataError(f"tfds={name}/{split} (data_dir {data_dir or 'default'}): {msg}") from None
+    return TfdsImageSource(ds, f"tfds:{name}/{split}", image_key)
+
+
 def main(argv: list[str] | None = None) -> None:
     """python -m tokfusion_jax.data.tfds_builders --dataset=msrs --manual_dir=D --data_dir=OUT"""
     from tokfusion_jax.errors import ArgumentParser

@@ -134,14 +134,46 @@ def _crop_cbcr(out: dict[str, Any], slot: str, patch: tuple[int, int, int]) -> d
 
 
 @dataclasses.dataclass(frozen=True)
+class DecodeImage(grain.transforms.Map):
+    """record {"name", "image", "domain"} -> {"name", "domain", "image" (H, W, 1) float32}.
+
+    The BT.601 luma resized to `image_size` (bicubic, antialiased, clipped to [0, 1]): the
+    gray image the fusion model hands the tokenizer (it replicates it to RGB).
+    """
+
+    image_size: tuple[int, int] | None = (256, 256)
+    min_size: int = 16
+
+    def map(self, record: dict[str, Any]) -> dict[str, Any]:
+        name = str(record["name"])
+        ref = record["image"]
+        domain = str(record.get("domain", "image"))
+        if isinstance(ref, np.ndarray):  # decoded already (`pipeline.decode_images`)
+            return {"name": name, "domain": domain, "image": ref[..., None]}
+        label = imio.describe(ref, name)
+        data = imio.read_bytes(ref, label)
+        h, w = imio.image_size(data, label)
+        if min(h, w) < self.min_size:
+            raise DataError(
+                f"{label}: image {w}x{h} is smaller than the minimum size "
+                f"{self.min_size}x{self.min_size}"
+            )
+        y = imio.decode_luma(data, label, self.image_size)
+        if self.image_size is not None:
+            y = np.clip(y, 0.0, 1.0)  # bicubic overshoots
+        return {"name": name, "domain": domain, "image": y[..., None]}
+
+
+@dataclasses.dataclass(frozen=True)
 class RandomCropFlip(grain.transforms.RandomMap):
-    """The same random crop (side `crop_size`, 0 = none) and horizontal flip for both images."""
+    """The same random crop (side `crop_size`, 0 = none) and horizontal flip for every image of
+    an element (both images of a pair, or the one of a single-image element)."""
 
     crop_size: int = 0
     flip: bool = False
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        h, w = element["vis"].shape[:2]
+        h, w = element["vis" if "vis" in element else "image"].shape[:2]
         top = left = 0
         ch, cw = h, w
         if self.crop_size:
@@ -167,7 +199,7 @@ def stack_batch(elements: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
     batch: dict[str, np.ndarray] = {}
     for key in first:
         values = [e[key] for e in elements]
-        if key == "name":
+        if key in ("name", "domain"):
             batch[key] = np.asarray(values, dtype=str)
             continue
         shapes = {v.shape for v in values}

@@ -53,6 +53,10 @@ FORMAT_NAME = "tokfusion_jax.titok"
 FORMAT_VERSION = 1
 METADATA_FILE = "tokenizer.json"
 PARAMS_DIR = "params"
+# The tokenizer that ships with the package: trained with `python -m tokfusion_jax.titok_train
+# --config=configs/titok.py` on the fusion data (64x64 input, 32 tokens x 12 dims, VQ); see the
+# README beside it.
+PACKAGED_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "titok_fusion64"
 
 LN_EPS = 1e-5  # LayerNorm epsilon of both ViTs
 GN_EPS = 1e-6  # GroupNorm epsilon of the pixel decoder
@@ -596,10 +600,18 @@ class TiTok(nn.Module):
         """Full reconstruction (used to initialise every parameter)."""
         return self.decode(self.encode(images).quantized)
 
+    def latents(self, images: Array) -> Array:
+        """images (B, S, S, 3) in [0, 1] -> raw encoder output (B, N, C_out) float32.
+
+        VQ: the latent before normalisation and quantisation; VAE: mean and log-variance
+        concatenated over channels.
+        """
+        return self.encoder(images, self.latent_tokens).astype(jnp.float32)
+
     def encode(self, images: Array, rng: Array | None = None) -> EncodeOutput:
         """images (B, S, S, 3) in [0, 1] -> `EncodeOutput`."""
         cfg = self.config
-        z = self.encoder(images, self.latent_tokens).astype(jnp.float32)  # (B, N, C_out)
+        z = self.latents(images)  # (B, N, C_out)
         if cfg.quantize_mode == "vae":
             mean, logvar = z[..., : cfg.token_size], z[..., cfg.token_size :]
             sample = mean  # the posterior mode
@@ -676,12 +688,22 @@ def abstract_params(config: TiTokConfig) -> Any:
     return variables["params"]
 
 
-def create(config: TiTokConfig, seed: int = 0) -> Tokenizer:
-    """A tokenizer with random weights (tests, demos). Its sha256 is computed here.
+INIT_SCHEMES = ("fan_in", "titok")
 
-    Weights are drawn leaf by leaf with NumPy (fast even for L-32; no XLA compile): kernels
-    N(0, 1/fan_in), norm scales 1, biases 0, embeddings and codebooks N(0, 1/width).
+
+def create(config: TiTokConfig, seed: int = 0, scheme: str = "fan_in") -> Tokenizer:
+    """A tokenizer with random weights. Its sha256 is computed here.
+
+    Weights are drawn leaf by leaf with NumPy (fast even for L-32; no XLA compile); norm scales
+    are 1 and biases 0 in both schemes.
+
+    * ``"fan_in"`` (tests, demos): kernels N(0, 1/fan_in), embeddings and codebooks
+      N(0, 1/width), so that random tokens and images have unit scale.
+    * ``"titok"`` (training from scratch, the official initialisation): kernels N(0, 0.02^2),
+      class/positional/mask/latent embeddings N(0, 1/width), the VQ codebook U(-1/K, 1/K).
     """
+    if scheme not in INIT_SCHEMES:
+        raise ConfigError(f"init scheme {scheme!r}: expected one of {INIT_SCHEMES}")
     rng = np.random.default_rng(seed)
 
     def draw(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> Array:
@@ -690,6 +712,11 @@ def create(config: TiTokConfig, seed: int = 0) -> Tokenizer:
             return jnp.ones(shape, jnp.float32)
         if name == "bias":
             return jnp.zeros(shape, jnp.float32)
+        if scheme == "titok" and name == "kernel":
+            return jnp.asarray(0.02 * rng.standard_normal(shape, np.float32))
+        if scheme == "titok" and str(path[0].key) == "quantize":
+            k = shape[0]
+            return jnp.asarray(rng.uniform(-1.0 / k, 1.0 / k, shape).astype(np.float32))
         fan_in = math.prod(shape[:3]) if (name == "kernel" and len(shape) == 4) else shape[-2]
         if name != "kernel":
             fan_in = shape[-1]
@@ -813,27 +840,45 @@ def decode_indices(tok: Tokenizer, indices: Array, dtype: DType = jnp.float32) -
 # --------------------------------------------------------------------------------------------
 
 
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+
+
 def save(
-    tok: Tokenizer, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None
+    tok: Tokenizer,
+    path: str | os.PathLike,
+    metadata: Mapping[str, Any] | None = None,
+    storage_dtype: str = "float32",
 ) -> Path:
     """Writes ``path/params`` (orbax) and ``path/tokenizer.json`` atomically; returns the path.
 
     ``metadata`` (e.g. the conversion source) is stored in tokenizer.json. An existing
     tokenizer directory at ``path`` is replaced only once the new one is complete; any other
-    existing file or directory there is refused.
+    existing file or directory there is refused. ``storage_dtype`` "float16" or "bfloat16" stores
+    the parameters at half size; `load` restores float32 (the recorded sha256 is that of the
+    restored float32 values).
     """
     import orbax.checkpoint as ocp
 
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"storage_dtype={storage_dtype!r}: expected one of {STORAGE_DTYPES}")
     path = Path(path).absolute()
     check_save_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    stored = tok.params
     sha = tok.sha256 or params_sha256(tok.params)
+    if storage_dtype != "float32":
+        dtype = jnp.dtype(storage_dtype)
+        stored = jax.tree_util.tree_map(
+            lambda x: np.asarray(jax.device_get(x)).astype(dtype), stored
+        )
+        sha = params_sha256(jax.tree_util.tree_map(lambda x: x.astype(np.float32), stored))
     record = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "architecture": tok.config.to_dict(),
         "params_sha256": sha,
         "param_count": param_count(tok.params),
+        "storage_dtype": storage_dtype,
         "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **dict(metadata or {}),
     }
@@ -841,7 +886,7 @@ def save(
     try:
         tmp.mkdir()
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, tok.params)
+            ckptr.save(tmp / PARAMS_DIR, stored)
             ckptr.wait_until_finished()
         (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _swap_in(tmp, path)
