@@ -458,6 +458,9 @@ def test_latents_and_training_init():
     assert abs(pos.std() - cfg.enc_width**-0.5) < 0.2 * cfg.enc_width**-0.5
     images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 32, 32, 3)), jnp.float32)
     z = titok.TiTok(cfg).apply({"params": tok.params}, images, method=titok.TiTok.latents)
-    np.testing.assert_array_equal(z, titok.encode(tok, images).continuous)
+    # The same math compiled as two programs: equal up to float32 rounding over the chain.
+    cont = titok.encode(tok, images).continuous
+    bound = 2 * probable_bound(titok_encoder_chain(cfg), activation_scale(z, cont))
+    assert _max_err(z, cont) <= bound
     with pytest.raises(ConfigError, match="init scheme"):
         titok.create(cfg, scheme="xavier")
