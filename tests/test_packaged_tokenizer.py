@@ -42,3 +42,16 @@ def test_packaged_tokenizer_reconstructs_the_samples(preset_root):
         psnr, ssim = STATED[domain]
         assert scores["PSNR"] >= psnr - 0.5, (domain, scores)
         assert scores["SSIM"] >= ssim - 0.02, (domain, scores)
+
+
+def test_packaged_ste_mask_was_probed_on_this_tokenizer():
+    """configs/ste/titok_fusion64.json is the probe's choice for exactly these weights."""
+    import json
+    import pathlib
+
+    snippet = (
+        pathlib.Path(__file__).resolve().parents[1] / "configs" / "ste" / "titok_fusion64.json"
+    )
+    record = json.loads(snippet.read_text())
+    assert record["tokenizer_sha256"] == titok.load(PATH).sha256
+    assert (record["num_tokens"], record["token_dim"]) == (32, 12)
