@@ -8,8 +8,9 @@ shared by both modalities and masked to a set of positions x channels, is optimi
 maximise the probe's objective (EI, AG, SF and SSIM of the fused image, each divided by its
 unedited value; `tokfusion_jax.probe.normalized_objective`) on the run's training pairs; then the
 fused images of other batches of the training pairs (the same pipeline, another shuffle seed;
-not necessarily unseen by the optimisation) are scored with Delta and without. Rows: the probed mask (`--ste`), and `--random` masks of the same size (random
-positions, random channels), whose mean and spread are reported. Each entry is the mean relative
+not necessarily unseen by the optimisation) are scored with Delta and without. Rows: the probed
+mask (`--ste`), and `--random` masks of the same size (random positions, random channels), whose
+mean and spread are reported. Each entry is the mean relative
 change of a metric over the evaluation images, in percent. Delta = offset_scale * tanh(raw)
 bounds the edit like the probe does (the tokens are unit vectors).
 """
