@@ -342,15 +342,9 @@ def test_sigterm_and_sigkill_then_resume_is_bitwise_exact(
         "data.token_cache": token_cache,
     }
     env = subprocess_env(compile_cache)
-    ref = subprocess.run(
-        cli_args(tiny_data, tiny_tokenizer, tmp_path / "ref", **overrides),
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    # The uninterrupted reference runs here: the CLI subprocesses below compile the same programs
+    # (same XLA flags, 8 devices) and CPU execution is deterministic, so bits must agree.
+    in_process(tiny_data, tiny_tokenizer, tmp_path / "ref", overrides)
 
     work = tmp_path / "run"
     args = cli_args(tiny_data, tiny_tokenizer, work, **overrides)
@@ -384,6 +378,15 @@ def test_sigterm_and_sigkill_then_resume_is_bitwise_exact(
         assert np.array_equal(x, y), jax.tree_util.keystr(path)
 
 
+def in_process(data, tok, workdir, overrides) -> None:
+    """The run `cli_args(data, tok, workdir, **overrides)` describes, in this process (which has
+    the CLI subprocesses' XLA flags and 8 devices)."""
+    settings = {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in overrides.items()}
+    config = tiny_config(data, tok, **settings, **{"train.export": False})
+    result = trainer.train_and_evaluate(config, workdir)
+    assert not result.interrupted
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -402,15 +405,7 @@ def test_two_processes_match_single_process(
         "data.shuffle": False,
         "data.token_cache": token_cache,
     }
-    single = subprocess.run(
-        cli_args(tiny_data, tiny_tokenizer, tmp_path / "single", **overrides),
-        cwd=REPO,
-        env=subprocess_env(compile_cache),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    in_process(tiny_data, tiny_tokenizer, tmp_path / "single", overrides)  # one process, 8 devices
 
     port = _free_port()
     procs = []
