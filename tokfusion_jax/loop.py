@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import pathlib
 import signal
 import threading
@@ -33,9 +34,30 @@ import ml_collections
 import numpy as np
 
 from tokfusion_jax import checkpointing
+from tokfusion_jax import sharding as shd
 from tokfusion_jax.errors import NonFiniteError
 
 PyTree = Any
+
+
+def start_run(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    validate: Callable[[ml_collections.ConfigDict], None],
+    devices: list | None = None,
+) -> tuple[ml_collections.ConfigDict, pathlib.Path, jax.sharding.Mesh]:
+    """The opening of every training loop: joins the distributed job, checks the config,
+    creates the workdir and builds the mesh over ``devices`` (default: all global devices).
+
+    Returns (a private, unlocked copy of the config, the absolute workdir, the mesh).
+    """
+    shd.initialize_distributed()
+    validate(config)
+    workdir = pathlib.Path(workdir).expanduser().absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = ml_collections.ConfigDict(config.to_dict())
+    mesh = shd.mesh_from_config(config.mesh, int(config.data.batch_size), devices)
+    return config, workdir, mesh
 
 
 def log0(message: str) -> None:

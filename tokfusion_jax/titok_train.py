@@ -601,12 +601,7 @@ def train(
 
     ``devices``: restrict the mesh to these devices (tests); default all global devices.
     """
-    shd.initialize_distributed()
-    validate_config(config)
-    workdir = pathlib.Path(workdir).expanduser().absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
-    mesh = shd.mesh_from_config(config.mesh, int(config.data.batch_size), devices)
+    config, workdir, mesh = loop.start_run(config, workdir, validate_config, devices)
     rep = shd.replicated(mesh)
 
     init = initial_tokenizer(config, rep)

@@ -465,13 +465,7 @@ def train_and_evaluate(
 
     ``devices``: restrict the mesh to these devices (tests); default all global devices.
     """
-    shd.initialize_distributed()
-    validate_config(config)
-    workdir = pathlib.Path(workdir).expanduser().absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = ml_collections.ConfigDict(config.to_dict())  # private, unlocked copy
-
-    mesh = shd.mesh_from_config(config.mesh, int(config.data.batch_size), devices)
+    config, workdir, mesh = loop.start_run(config, workdir, validate_config, devices)
     image_size = int(config.data.image_size)
     if jax.default_backend() == "cpu" and config.model.dtype != "float32":
         logging.warning("compute dtype %s on CPU is slow; float32 is advised", config.model.dtype)
