@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tokfusion_jax import checkpointing
+from tokfusion_jax import checkpointing, compile_options
 from tokfusion_jax import sharding as shd
 from tokfusion_jax.errors import NonFiniteError
 
@@ -58,6 +58,22 @@ def start_run(
     config = ml_collections.ConfigDict(config.to_dict())
     mesh = shd.mesh_from_config(config.mesh, int(config.data.batch_size), devices)
     return config, workdir, mesh
+
+
+def jit_train_step(
+    step: Callable[..., Any], mesh: jax.sharding.Mesh, frozen_shardings: Any
+) -> Callable[..., Any]:
+    """``step(state, frozen, batch, key) -> (state, metrics)`` jitted over the mesh the way both
+    trainers run it: replicated state and key, frozen parameters as given, the batch split over
+    the devices, the state donated, and the backend's compiler options."""
+    rep = shd.replicated(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(rep, frozen_shardings, shd.batch_sharding(mesh), rep),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+        compiler_options=compile_options.compiler_options(),
+    )
 
 
 def log0(message: str) -> None:

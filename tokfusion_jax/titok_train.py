@@ -449,14 +449,8 @@ def new_state(
 
 
 def compile_train_step(ctx: StepContext, mesh: jax.sharding.Mesh, frozen_shardings: Any):
-    """``train_step`` jitted over the mesh: replicated state, batch split over devices."""
-    rep = shd.replicated(mesh)
-    return jax.jit(
-        functools.partial(train_step, ctx=ctx),
-        in_shardings=(rep, frozen_shardings, shd.batch_sharding(mesh), rep),
-        out_shardings=(rep, rep),
-        donate_argnums=(0,),
-    )
+    """``train_step`` jitted over the mesh (`loop.jit_train_step`)."""
+    return loop.jit_train_step(functools.partial(train_step, ctx=ctx), mesh, frozen_shardings)
 
 
 @functools.partial(jax.jit, static_argnames=("arch",))

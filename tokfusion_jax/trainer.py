@@ -232,15 +232,8 @@ def eval_outputs(
 
 
 def compile_train_step(ctx: StepContext, mesh: jax.sharding.Mesh, frozen_shardings: Any):
-    """``train_step`` jitted over the mesh: replicated state, batch split over devices."""
-    rep = shd.replicated(mesh)
-    return jax.jit(
-        functools.partial(train_step, ctx=ctx),
-        in_shardings=(rep, frozen_shardings, shd.batch_sharding(mesh), rep),
-        out_shardings=(rep, rep),
-        donate_argnums=(0,),
-        compiler_options=compile_options.compiler_options(),
-    )
+    """``train_step`` jitted over the mesh (`loop.jit_train_step`)."""
+    return loop.jit_train_step(functools.partial(train_step, ctx=ctx), mesh, frozen_shardings)
 
 
 # ----------------------------------------------------------------------------------------------
