@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(PY) -m tokfusion_jax.train --config=configs/ivif.py:demo --workdir=runs/demo
 
 test: lint
-	$(VENV)/bin/pytest -n 2 --durations=15 tests
+	$(VENV)/bin/pytest -n 2 --dist loadgroup --durations=15 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -31,6 +31,20 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Heavy tests first, costliest first (the rest keep their order): with ``--dist loadgroup``
+    the two workers take the next test as they free up, so the long ones overlap each other and
+    the run ends on short tests instead of one worker waiting for the other's last long one.
+    Tests of one ``xdist_group`` share compiled programs through the persistent cache and run
+    one after the other on one worker (the group goes first)."""
+
+    def cost(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("heavy")
+        return -float(mark.kwargs.get("seconds", mark.args[0] if mark.args else 1)) if mark else 0
+
+    items.sort(key=cost)
+
+
 def _session_root(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """The folder every worker of this pytest run shares (its basetemp's parent with xdist)."""
     base = tmp_path_factory.getbasetemp()

@@ -136,6 +136,7 @@ def test_cli_exits_2_on_bad_flag(capsys):
     assert capsys.readouterr().err.startswith("error: --rows")
 
 
+@pytest.mark.heavy(seconds=15)
 def test_tiny_bench_end_to_end(tmp_path, capsys):
     """The whole CLI on the tiny preset: JAX and PyTorch encode, fuse (train steps compile for a
     minute on 2 cores: they are covered by the benchmark runs, not here)."""
@@ -178,6 +179,7 @@ def test_tiny_bench_end_to_end(tmp_path, capsys):
     assert [r.latency_ms for r in again] == [r.latency_ms for r in rows]
 
 
+@pytest.mark.heavy(seconds=29)
 def test_profile_train_step_script_reports_kinds_and_modules(capsys):
     """benchmarks/profile_train_step.py on the tiny variant: a trace is read back and mapped."""
     import importlib.util
@@ -200,6 +202,7 @@ def test_profile_train_step_script_reports_kinds_and_modules(capsys):
     assert "Encoder/" in out  # module rows (--top=200: every module, whatever its rank)
 
 
+@pytest.mark.heavy(seconds=24)
 def test_cddfuse_and_memory_rows_each_side_in_its_own_process(capsys):
     """The cddfuse fuse row (JAX worker vs the PyTorch twin's worker, alternating) and the fuse
     memory row, tiny sizes; the ratio lines come out in the contract's form."""

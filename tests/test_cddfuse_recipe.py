@@ -153,6 +153,7 @@ def test_cddfuse_differences_name_what_is_not_cddfuse():
     assert paper == ["model.use_tokens=True (CDDFuse: False)"]
 
 
+@pytest.mark.heavy(seconds=33)
 def test_plain_2d_run_needs_no_tokenizer_and_exports_without_one(grid_data, tmp_path):
     """ivif:cddfuse shrunk: patches, both stages, no tokenizer anywhere, a loadable export."""
     c = load("ivif", "cddfuse")

@@ -106,6 +106,7 @@ def test_rules_cover_the_release_layout_in_order():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("hw", [(72, 88), (64, 64)])
+@pytest.mark.heavy(seconds=30)
 def test_export_reproduces_the_test_path_and_reconstruction(ivif_export, twin, hw):
     fx = export.load_export(ivif_export)
     assert fx.tokenizer is None and fx.model.spec.residual == "vis"
@@ -129,6 +130,7 @@ def test_bfloat16_compute_stays_close(ivif_export, twin):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy(seconds=14)
 def test_mif_task_and_residual_override(files, twin):
     lines: list[str] = []
     mif = conv.convert_cddfuse(
@@ -340,6 +342,7 @@ def _official_test_path(twin, pair_root: Path, name: str) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy(seconds=19)
 def test_fuse_cli_applies_the_cddfuse_test_time_convention(
     ivif_export, twin, colour_pairs, tmp_path
 ):

@@ -211,6 +211,7 @@ def test_tokens_resize_sources_and_checks(tok):
 # ----------------------------------------------------------------------------- both stages
 
 
+@pytest.mark.heavy(seconds=29)
 def test_both_stages_and_gradients_on_tiny_titok(tok):
     model = fusion.TokFusion(tiny_config())
     params = model.init(jax.random.key(0), stage=2, image_size=(64, 64))
@@ -297,6 +298,7 @@ def test_residual_modes_enter_inside_the_sigmoid(tok):
         assert np.all(np.abs(np.asarray(got, np.float64) - want) <= bound)
 
 
+@pytest.mark.heavy(seconds=15)
 def test_native_resolution_any_size(tok):
     model = fusion.TokFusion(tiny_config(**LIGHT))
     params = model.init(jax.random.key(2), stage=2)
@@ -326,6 +328,7 @@ def test_bfloat16_close_to_float32(tok):
     assert float(jnp.abs(a - b).max()) <= 5 * U16
 
 
+@pytest.mark.heavy(seconds=20)
 def test_remat_and_patch_embed_input_keep_results(tok):
     """remat only changes memory/compute; encoder_input="add" adds patch_embed(image) to F_hat."""
     plain = fusion.TokFusion(tiny_config(encoder_input="add", **LIGHT))
@@ -352,6 +355,7 @@ def test_remat_and_patch_embed_input_keep_results(tok):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy(seconds=19)
 def test_paper_width_at_256():
     """dim 64 / 8 heads at 256 x 256 (one block per stack to keep CPU time low), both stages."""
     tok = tiny_tokenizer(image_size=256, patch_size=64)

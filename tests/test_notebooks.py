@@ -121,6 +121,7 @@ def _run(name: str, kernel_name: str, workdir: pathlib.Path) -> None:
             assert out.get("output_type") != "error", f"{name}: a cell reported an error"
 
 
+@pytest.mark.heavy(seconds=200)
 def test_notebooks_run_headless_in_quick_mode(
     kernel_env: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, quick_run
 ) -> None:

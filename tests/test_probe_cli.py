@@ -49,6 +49,7 @@ def tiny_export(tmp_path_factory):
     return make_tiny_export(tmp_path_factory.mktemp("run"))
 
 
+@pytest.mark.heavy(seconds=32)
 def test_probe_workdir_writes_positions_channels_plots_json(tiny_export, tmp_path):
     cfg = probe.default_config()
     cfg.steps = 4

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.heavy(seconds=100)
 def test_tiny_sweep_interrupted_then_resumed(tmp_path):
     workdir = tmp_path / "sweep"
     cmd = [

@@ -394,6 +394,7 @@ def test_config_variants_and_validation():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy(seconds=45)
 def test_full_l32_encoder_and_quantizer_match_torch():
     """The real TiTok-L-32 encoder + quantizer shapes, random weights, one 256x256 image."""
     cfg = TiTokConfig.variant("l32")

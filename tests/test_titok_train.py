@@ -70,6 +70,7 @@ def tiny_run(tiny_images, tmp_path_factory):
     return config, titok_train.train(config, workdir)
 
 
+@pytest.mark.heavy(seconds=20)
 def test_trains_from_scratch_and_writes_a_tokenizer(tiny_run):
     config, result = tiny_run
     assert (result.step, result.interrupted) == (12, False)
@@ -146,6 +147,7 @@ def _step_setup(arch, config):
     return opt, ctx
 
 
+@pytest.mark.heavy(seconds=17)
 def test_dead_codes_are_restarted_with_batch_latents(tiny_images):
     """Planted usage: codes 32..63 dead. At a restart step they take this batch's latents.
 
@@ -189,6 +191,7 @@ def test_dead_codes_are_restarted_with_batch_latents(tiny_images):
     assert float(m0["codebook/restarted"]) == 0.0
 
 
+@pytest.mark.heavy(seconds=30)
 def test_finetune_decoder_only_freezes_the_rest(tiny_images, tmp_path):
     """A converted-style legacy tokenizer (proxy-code head + pixel decoder), decoder only."""
     arch = titok.TiTokConfig.tiny(image_size=SIZE)
@@ -244,6 +247,7 @@ def test_finetune_decoder_only_freezes_the_rest(tiny_images, tmp_path):
         titok_train.train(bad, tmp_path / "ft")
 
 
+@pytest.mark.heavy(seconds=16)
 def test_vae_mode_trains_and_a_nan_stops_the_run(tiny_images, tmp_path):
     """VAE bottleneck (KL term, no codebook); a NaN loss from step 5 stops the run there."""
     config = tiny_config(
@@ -303,6 +307,7 @@ def test_trainable_spec_and_config_checks():
             titok_train.validate_config(bad)
 
 
+@pytest.mark.heavy(seconds=15)
 def test_cli_errors_are_one_line_and_exit_2(tiny_images, tmp_path):
     base = [sys.executable, "-m", "tokfusion_jax.titok_train", "--config=configs/titok.py:tiny"]
     cases = [

@@ -146,6 +146,7 @@ def read_metrics(workdir):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.xdist_group("tiny_train_8_devices")
 def test_two_stage_run_end_to_end(tiny_data, tiny_tokenizer, tmp_path):
     """Both stages in one invocation: losses fall, validation metrics, logs, export, init_from.
 
@@ -259,6 +260,7 @@ def loss_rtol(steps_done: int, batch: int = 8) -> float:
     return 2 * probable_bound(chain, 4.0) * (1 + steps_done)
 
 
+@pytest.mark.xdist_group("tiny_train_8_devices")
 def test_one_vs_eight_devices_same_losses():
     """The sharded step on 8 devices gives the 1-device losses (within rounding) for 3 steps.
 
@@ -296,11 +298,22 @@ def test_one_vs_eight_devices_same_losses():
     assert losses[1][0] != losses[1][2]  # the parameters did move
 
 
-def test_nan_stops_with_step_batch_and_last_checkpoint(tiny_data, tiny_tokenizer, tmp_path):
+@pytest.mark.xdist_group("tiny_train_8_devices")
+def test_nan_stops_with_step_batch_and_last_checkpoint(
+    tiny_data, tiny_tokenizer, token_cache, tmp_path
+):
+    """NaN batches from step 5 on (`train.debug_nan_step`, poisoned on the host: the compiled
+    stage-I step is the end-to-end run's) make the loss non-finite inside the real step."""
     config = tiny_config(
         tiny_data,
         tiny_tokenizer,
-        **{"train.debug_nan_step": 5, "train.stage1_epochs": 4, "train.stage2_epochs": 1},
+        **{
+            **FAST_OPTIM,
+            "train.debug_nan_step": 5,
+            "train.stage1_epochs": 4,
+            "train.stage2_epochs": 1,
+            "data.token_cache": str(token_cache),
+        },
     )
     config.data.shuffle = False
     with pytest.raises(NonFiniteError) as info:
@@ -331,6 +344,7 @@ def _wait_for_checkpoint(proc, ckpt_dir, at_least, timeout=900):
     pytest.fail(f"no checkpoint >= {at_least} after {timeout}s")
 
 
+@pytest.mark.xdist_group("tiny_train_8_devices")
 def test_sigterm_and_sigkill_then_resume_is_bitwise_exact(
     tiny_data, tiny_tokenizer, token_cache, compile_cache, tmp_path
 ):
@@ -394,6 +408,7 @@ def _free_port():
 
 
 @pytest.mark.multiprocess
+@pytest.mark.xdist_group("tiny_train_8_devices")
 def test_two_processes_match_single_process(
     tiny_data, tiny_tokenizer, token_cache, compile_cache, tmp_path
 ):
@@ -453,3 +468,13 @@ def test_global_batch_is_split_over_all_devices():
     assert len(batch["vis"].addressable_shards) == 8
     assert batch["vis"].addressable_shards[0].data.shape == (1, 4, 4, 1)
     assert jnp.allclose(batch["vis"], 0)
+
+
+def test_poison_batch_makes_only_float_arrays_nan_from_its_step_on():
+    from tokfusion_jax import loop
+
+    batch = {"vis": np.ones((2, 4, 4, 1), np.float32), "index": np.arange(2), "name": ["a", "b"]}
+    assert loop.poison_batch(batch, 4, 5) is batch and loop.poison_batch(batch, 9, -1) is batch
+    poisoned = loop.poison_batch(batch, 5, 5)
+    assert np.isnan(poisoned["vis"]).all() and np.all(batch["vis"] == 1)  # the input is kept
+    assert poisoned["index"] is batch["index"] and poisoned["name"] == ["a", "b"]

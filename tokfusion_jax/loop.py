@@ -253,6 +253,20 @@ def format_names(names: list | None) -> str:
     return "[" + ", ".join(shown) + "]" + more
 
 
+def poison_batch(batch: Mapping[str, Any], step: int, nan_from_step: int) -> Mapping[str, Any]:
+    """Testing aid ``train.debug_nan_step``: from step ``nan_from_step`` on (-1: never), every
+    floating-point array of the host batch is NaN, so the real step computes a non-finite loss
+    and gradient. Done on the host: the compiled step is the same program with or without it."""
+    if nan_from_step < 0 or step < nan_from_step:
+        return batch
+    return {
+        k: np.full_like(v, np.nan)
+        if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating)
+        else v
+        for k, v in batch.items()
+    }
+
+
 class NonFiniteWatch:
     """Host side of the non-finite guard: remembers recent batches, reads the device flag.
 

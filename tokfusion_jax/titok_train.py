@@ -146,7 +146,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = 1000
     c.train.keep_checkpoints = 3
     c.train.async_checkpoints = True
-    c.train.debug_nan_step = -1  # testing aid: make the loss NaN from this step on
+    c.train.debug_nan_step = -1  # testing aid: NaN batches from this step on
 
     c.val = ml_collections.ConfigDict()
     c.val.every_steps = 1000  # 0 = only at the end
@@ -272,7 +272,6 @@ class StepContext:
     ema_decay: float
     train_codebook: bool  # the quantizer's codebook is trainable (restarts allowed)
     dtype: str = "float32"
-    nan_from_step: int = -1  # testing aid: inject a NaN loss from this step on
 
     @property
     def model(self) -> titok.TiTok:
@@ -378,8 +377,6 @@ def train_step(
     def loss_fn(params):
         images = batch["image"]
         loss, (terms, aux) = compute_loss(ctx, params, frozen, images, sample_key, in_warmup)
-        if ctx.nan_from_step >= 0:
-            loss = loss + jnp.where(step >= ctx.nan_from_step, jnp.nan, 0.0)
         return loss, (terms, aux)
 
     (loss, (terms, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -628,7 +625,6 @@ def train(
         ema_decay=float(config.ema.decay),
         train_codebook="quantize" in names,
         dtype=str(config.model.dtype),
-        nan_from_step=int(config.train.debug_nan_step),
     )
     base_key = jax.random.key(int(config.train.seed))
 
@@ -686,6 +682,7 @@ def train(
     image_every = int(config.train.image_every_steps)
     throughput = loop.Throughput(step)
     watch = loop.NonFiniteWatch(log_every)
+    nan_from_step = int(config.train.debug_nan_step)  # testing aid (loop.poison_batch)
     interrupted = False
 
     def save(at_step: int) -> None:
@@ -731,7 +728,7 @@ def train(
     try:
         with loop.StopRequest() as stop:
             while step < total_steps:
-                batch = next(it)
+                batch = loop.poison_batch(next(it), step, nan_from_step)
                 watch.record(step, batch)
                 state, metrics = step_fn(state, frozen, shd.global_batch(batch, mesh), base_key)
                 pending.append(metrics)

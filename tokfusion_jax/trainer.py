@@ -152,7 +152,6 @@ class StepContext:
     stage: int
     use_token_cache: bool
     use_tokens: bool
-    nan_from_step: int = -1  # testing aid: inject a NaN loss from this step on
 
 
 def _tokens(ctx: StepContext, frozen: Any, batch: Mapping[str, jax.Array]):
@@ -197,8 +196,6 @@ def train_step(
 
     def loss_fn(params):
         loss, (terms, _) = compute_loss(ctx, params, frozen, batch)
-        if ctx.nan_from_step >= 0:
-            loss = loss + jnp.where(step >= ctx.nan_from_step, jnp.nan, 0.0)
         return loss, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -510,7 +507,6 @@ def train_and_evaluate(
             stage=stage,
             use_token_cache=use_cache,
             use_tokens=bool(config.model.use_tokens),
-            nan_from_step=int(config.train.debug_nan_step),
         )
 
     ckpt = checkpointing.Checkpointer(
@@ -578,7 +574,7 @@ def train_and_evaluate(
 
     def eval_fn(s: int):
         if s not in eval_fns:
-            eval_ctx = dataclasses.replace(ctx_for(s), use_token_cache=False, nan_from_step=-1)
+            eval_ctx = dataclasses.replace(ctx_for(s), use_token_cache=False)
             eval_fns[s] = jax.jit(
                 functools.partial(eval_outputs, ctx=eval_ctx),
                 in_shardings=(rep, eval_frozen_shardings, rep),
@@ -588,6 +584,7 @@ def train_and_evaluate(
         return eval_fns[s]
 
     logger = loop.RunLogger(workdir, total_steps, step)
+    nan_from_step = int(config.train.debug_nan_step)  # testing aid (loop.poison_batch)
     pending: list[dict[str, jax.Array]] = []
     last_metrics: dict[str, float] = {}
     log_every = int(config.train.log_every_steps)
@@ -652,7 +649,7 @@ def train_and_evaluate(
                     save(step)  # the last stage-I state, before the switch
                     state = _switch(state, model, optimizer, init_key, fuse_init, rep)
                     stage = 2
-                batch = next(it)
+                batch = loop.poison_batch(next(it), step, nan_from_step)
                 watch.record(step, batch)
                 device_batch = shd.global_batch(batch, mesh)
                 state, metrics = step_fn(stage)(state, frozen, device_batch, step_key)
