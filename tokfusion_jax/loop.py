@@ -240,8 +240,14 @@ def finite_guard(
 
 
 def keep_if(healthy: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-    """``new`` where ``healthy`` else ``old``, leaf by leaf (jit-able)."""
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(healthy, a, b), new, old)
+    """``new`` if the scalar ``healthy`` else ``old``: whole trees (jit-able).
+
+    A `lax.cond`, not a per-leaf ``jnp.where``: XLA fuses an elementwise select into the
+    producers of ``new`` and, since ``healthy`` reduces over every gradient, duplicates them; on
+    the tiny training step that more than doubled the optimised program and its compile time
+    (37.9k -> 92.9k HLO lines, 6.8 -> 13.1 s on CPU). Pass the whole state in one call.
+    """
+    return jax.lax.cond(healthy, lambda: new, lambda: old)
 
 
 def format_names(names: list | None) -> str:

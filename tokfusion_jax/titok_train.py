@@ -418,11 +418,10 @@ def train_step(
 
     finite = jnp.isfinite(loss) & loop.all_finite(grads)
     healthy, nonfinite_step = loop.finite_guard(state["nonfinite_step"], step, finite)
+    kept = ("params", "opt_state", "ema", "usage")
+    updated = dict(zip(kept, (params, opt_state, ema, usage), strict=True))
     new_state = {
-        "params": loop.keep_if(healthy, params, state["params"]),
-        "opt_state": loop.keep_if(healthy, opt_state, state["opt_state"]),
-        "ema": loop.keep_if(healthy, ema, state["ema"]),
-        "usage": loop.keep_if(healthy, usage, state["usage"]),
+        **loop.keep_if(healthy, updated, {k: state[k] for k in kept}),
         "step": step + 1,
         "nonfinite_step": nonfinite_step,
     }

@@ -206,9 +206,12 @@ def train_step(
 
     finite = jnp.isfinite(loss) & loop.all_finite(grads)
     healthy, nonfinite_step = loop.finite_guard(state["nonfinite_step"], step, finite)
+    kept_params, kept_opt = loop.keep_if(
+        healthy, (new_params, new_opt), (state["params"], state["opt_state"])
+    )
     new_state = {
-        "params": loop.keep_if(healthy, new_params, state["params"]),
-        "opt_state": loop.keep_if(healthy, new_opt, state["opt_state"]),
+        "params": kept_params,
+        "opt_state": kept_opt,
         "step": step + 1,
         "nonfinite_step": nonfinite_step,
     }
