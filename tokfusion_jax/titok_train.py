@@ -416,15 +416,8 @@ def train_step(
             )
             ema = {**ema, "quantize": {**ema["quantize"], "embedding": rows}}
 
-    finite = jnp.isfinite(loss) & loop.all_finite(grads)
-    healthy, nonfinite_step = loop.finite_guard(state["nonfinite_step"], step, finite)
-    kept = ("params", "opt_state", "ema", "usage")
-    updated = dict(zip(kept, (params, opt_state, ema, usage), strict=True))
-    new_state = {
-        **loop.keep_if(healthy, updated, {k: state[k] for k in kept}),
-        "step": step + 1,
-        "nonfinite_step": nonfinite_step,
-    }
+    updated = {"params": params, "opt_state": opt_state, "ema": ema, "usage": usage}
+    new_state = loop.guarded_state(state, updated, loss, grads)
     return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
 

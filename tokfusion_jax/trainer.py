@@ -204,17 +204,7 @@ def train_step(
         lambda p, u: p + u.astype(p.dtype), state["params"], updates
     )
 
-    finite = jnp.isfinite(loss) & loop.all_finite(grads)
-    healthy, nonfinite_step = loop.finite_guard(state["nonfinite_step"], step, finite)
-    kept_params, kept_opt = loop.keep_if(
-        healthy, (new_params, new_opt), (state["params"], state["opt_state"])
-    )
-    new_state = {
-        "params": kept_params,
-        "opt_state": kept_opt,
-        "step": step + 1,
-        "nonfinite_step": nonfinite_step,
-    }
+    new_state = loop.guarded_state(state, {"params": new_params, "opt_state": new_opt}, loss, grads)
     metrics = {"loss": loss, **{k: v.astype(jnp.float32) for k, v in terms.items()}}
     for name, norm in optim.global_norms(grads).items():
         metrics[f"grad_norm/{name}"] = norm
