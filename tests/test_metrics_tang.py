@@ -45,6 +45,8 @@ def tang_values(metric_cases):
     return out
 
 
+# Both tests read the module fixture `tang_values` (one compute per image size, ~15 s): one worker.
+@pytest.mark.xdist_group("tang_values")
 def test_matches_octave_run_of_the_matlab_code(tang_values):
     expected = json.loads(OCTAVE_VALUES.read_text())
     assert set(expected) == set(tang_values)
@@ -56,6 +58,7 @@ def test_matches_octave_run_of_the_matlab_code(tang_values):
             assert got[name] == pytest.approx(value, rel=1e-6), (case, name)
 
 
+@pytest.mark.xdist_group("tang_values")
 def test_matches_numpy_reference_including_ssim(tang_values):
     for case, (got, (f, a, b)) in tang_values.items():
         want = ref.reference(f, a, b)
