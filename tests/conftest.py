@@ -20,6 +20,10 @@ os.environ["XLA_FLAGS"] = " ".join(
     ]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite's processes are long-lived and do many unrelated things (as a library imported into a
+# service): glibc keeps its default trimming there; tests/test_host_memory.py checks the policy
+# the training entry points set, in a process of its own.
+os.environ["TOKFUSION_MALLOC_DEFAULTS"] = "1"
 
 import math  # noqa: E402
 import pathlib  # noqa: E402

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tokfusion_jax import checkpointing, compile_options
+from tokfusion_jax import checkpointing, compile_options, host_memory
 from tokfusion_jax import sharding as shd
 from tokfusion_jax.errors import NonFiniteError
 
@@ -50,8 +50,10 @@ def start_run(
     """The opening of every training loop: joins the distributed job, checks the config,
     creates the workdir and builds the mesh over ``devices`` (default: all global devices).
 
-    Returns (a private, unlocked copy of the config, the absolute workdir, the mesh).
+    Returns (a private, unlocked copy of the config, the absolute workdir, the mesh). First of
+    all it sets the host allocator policy of a training process (`host_memory`).
     """
+    host_memory.retain_freed_memory()
     shd.initialize_distributed()
     validate(config)
     workdir = pathlib.Path(workdir).expanduser().absolute()

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from tokfusion_jax import errors, paths
+from tokfusion_jax import errors, host_memory, paths
 from tokfusion_jax.bench import DESCRIPTION
 from tokfusion_jax.bench.cddfuse_rows import bench_cddfuse, bench_fuse_memory
 from tokfusion_jax.bench.fusion_rows import bench_fuse, bench_train
@@ -149,6 +149,7 @@ def report_from_json(paths: Sequence[str], settings: Settings) -> tuple[list[Row
 @errors.cli_main
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Command-line entry point: runs the rows, prints the table and ratios, writes JSON."""
+    host_memory.retain_freed_memory()  # before JAX's first computation, as the trainers
     settings, args = parse_settings(argv)
     for flag, path in (("--json", args.json), ("--table", args.table)):
         if path:  # checked now, not after minutes of timing

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tokfusion_jax import host_memory
 from tokfusion_jax.bench.timing import peak_rss_bytes
 
 PROTOCOL = "@@ "
@@ -208,6 +209,8 @@ def serve(spec: dict[str, Any]) -> None:
     if pinned:
         os.sched_setaffinity(0, {spec["pin_cpu"]})
     clock = time.process_time if pinned else time.perf_counter
+    if spec["side"] == "jax" and spec["work"] == "train":  # as the trainers, before JAX's
+        host_memory.retain_freed_memory()  # threads allocate (`fuse` keeps glibc's defaults)
     program = jax_program if spec["side"] == "jax" else torch_program
     call, compile_s, gflops = program(spec)
     say({"ready": True, "compile_s": compile_s, "gflops": gflops})
