@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tokfusion_jax import checkpointing, compile_options, loop, losses, optim
+from tokfusion_jax import checkpointing, chunking, compile_options, loop, losses, optim
 from tokfusion_jax import sharding as shd
 from tokfusion_jax.errors import CheckpointError, ConfigError, DataError
 from tokfusion_jax.models import config as model_config
@@ -78,6 +78,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "> 0 when stage1_epochs is 0",
     )
     need(t.steps_per_epoch >= 0, "train.steps_per_epoch", t.steps_per_epoch, ">= 0")
+    need(t.chunk_size >= 0, "train.chunk_size", t.chunk_size, ">= 0 (0 = auto)")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         need(t[key] >= 1, f"train.{key}", t[key], ">= 1")
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
@@ -152,6 +153,10 @@ class StepContext:
     stage: int
     use_token_cache: bool
     use_tokens: bool
+    # The network runs `chunk_size` samples per device at a time (`chunking`); 0 = the whole
+    # per-device batch. `batch_shards`: how many devices the batch is split over.
+    chunk_size: int = 0
+    batch_shards: int = 1
 
 
 def _tokens(ctx: StepContext, frozen: Any, batch: Mapping[str, jax.Array]):
@@ -163,21 +168,55 @@ def _tokens(ctx: StepContext, frozen: Any, batch: Mapping[str, jax.Array]):
     return ctx.model.tokens(frozen, batch["vis"]), ctx.model.tokens(frozen, batch["ir"])
 
 
+def sample_activation_bytes(config: ml_collections.ConfigDict) -> int:
+    """The widest per-sample activation of the backbone at the training crop (`chunking`)."""
+    crop = int(config.data.get("patch_size", 0)) or int(config.data.image_size)
+    m = config.model
+    itemsize = jnp.dtype(m.dtype).itemsize
+    return chunking.widest_activation_bytes(crop, crop, int(m.dim), float(m.ffn_expansion), itemsize)
+
+
+def network_outputs(ctx: StepContext, params: PyTree, z_vis, z_ir, vis, ir):
+    """The model's part of one stage, sample by sample independent.
+
+    Stage I: ((rec_vis, feats_vis), (rec_ir, feats_ir)); stage II: (fused, feats).
+    """
+    if ctx.stage == 1:
+        return (
+            ctx.model.reconstruct(params, z_vis, vis, modality="vis"),
+            ctx.model.reconstruct(params, z_ir, ir, modality="ir"),
+        )
+    return ctx.model.fuse(params, z_vis, z_ir, vis, ir)
+
+
 def compute_loss(
-    ctx: StepContext, params: PyTree, frozen: Any, batch: Mapping[str, jax.Array]
+    ctx: StepContext,
+    params: PyTree,
+    frozen: Any,
+    batch: Mapping[str, jax.Array],
+    chunked: bool = True,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], jax.Array]]:
-    """Loss of one stage; returns (loss, (terms, output image (B, H, W, 1)))."""
+    """Loss of one stage; returns (loss, (terms, output image (B, H, W, 1))).
+
+    With `chunked` and ``ctx.chunk_size`` > 0 the network runs in chunks (`chunking`); the
+    losses always see the whole batch (L_decomp's correlations average over it).
+    """
     vis, ir = batch["vis"], batch["ir"]  # (B, H, W, 1) float32 in [0, 1]
     z_vis, z_ir = _tokens(ctx, frozen, batch)
+    network = functools.partial(network_outputs, ctx, params)
+    inputs = (z_vis, z_ir, vis, ir)
+    if chunked and ctx.chunk_size:
+        outputs = chunking.map_in_chunks(network, inputs, ctx.batch_shards, ctx.chunk_size)
+    else:
+        outputs = network(*inputs)
     if ctx.stage == 1:
-        rec_vis, feats_vis = ctx.model.reconstruct(params, z_vis, vis, modality="vis")
-        rec_ir, feats_ir = ctx.model.reconstruct(params, z_ir, ir, modality="ir")
+        (rec_vis, feats_vis), (rec_ir, feats_ir) = outputs
         loss, terms = losses.stage1_loss(
             vis, ir, rec_vis, rec_ir, feats_vis, feats_ir, ctx.loss_weights
         )
         output = rec_vis
     else:
-        fused, feats = ctx.model.fuse(params, z_vis, z_ir, vis, ir)
+        fused, feats = outputs
         loss, terms = losses.stage2_loss(vis, ir, fused, feats, ctx.loss_weights)
         output = fused
     return loss.astype(jnp.float32), (terms, output.astype(jnp.float32))
@@ -216,8 +255,9 @@ def train_step(
 def eval_outputs(
     params: PyTree, frozen: Any, batch: Mapping[str, jax.Array], *, ctx: StepContext
 ) -> tuple[dict[str, jax.Array], jax.Array]:
-    """Loss terms and the output images of a batch (no gradient): (terms, (B, H, W, 1))."""
-    loss, (terms, output) = compute_loss(ctx, params, frozen, batch)
+    """Loss terms and the output images of a batch (no gradient): (terms, (B, H, W, 1)).
+    The whole batch at once: without a backward pass there is little to stream."""
+    loss, (terms, output) = compute_loss(ctx, params, frozen, batch, chunked=False)
     return {"loss": loss, **terms}, output
 
 
@@ -486,6 +526,10 @@ def train_and_evaluate(
     stage1_steps = int(config.train.stage1_epochs) * steps_per_epoch
     total_steps = stage1_steps + int(config.train.stage2_epochs) * steps_per_epoch
 
+    chunk_size = int(config.train.chunk_size) or chunking.auto_chunk_size(
+        sample_activation_bytes(config), jax.default_backend()
+    )
+
     model = TokFusion(config.model)
     optimizer = optim.ModuleOptimizer(config.optim, steps_per_epoch)
     weights = config.loss.to_dict()
@@ -500,6 +544,8 @@ def train_and_evaluate(
             stage=stage,
             use_token_cache=use_cache,
             use_tokens=bool(config.model.use_tokens),
+            chunk_size=chunk_size,
+            batch_shards=mesh.size,
         )
 
     ckpt = checkpointing.Checkpointer(

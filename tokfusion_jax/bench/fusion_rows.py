@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tokfusion_jax import compile_options
+from tokfusion_jax import chunking, compile_options
 from tokfusion_jax.bench.flops import lowered_flops, titok_config_encoder_flops, unrolled
 from tokfusion_jax.bench.measure import measure_jax_row, random_images
 from tokfusion_jax.bench.results import Row
@@ -78,6 +78,13 @@ class TrainStepProgram(NamedTuple):
     tokenizer: Any  # None with cached tokens
 
 
+def auto_chunk_size(cfg: Any, height: int, width: int) -> int:
+    """The trainer's `train.chunk_size=0` choice for a model config at (H, W) crops."""
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    sample = chunking.widest_activation_bytes(height, width, cfg.dim, cfg.ffn_expansion, itemsize)
+    return chunking.auto_chunk_size(sample, jax.default_backend())
+
+
 def train_step_program(
     variant: str, dtype: str, tiny: bool, stage: int, cached: bool, size: tuple[int, int]
 ) -> TrainStepProgram:
@@ -97,6 +104,7 @@ def train_step_program(
         stage=stage,
         use_token_cache=cached,
         use_tokens=True,
+        chunk_size=auto_chunk_size(cfg, *size),
     )
     jitted = jax.jit(  # as trainer.compile_train_step builds it (without the mesh)
         functools.partial(trainer.train_step, ctx=ctx),
@@ -188,6 +196,7 @@ def cddfuse_train_step_program(height: int, width: int, tiny: bool = False) -> T
         stage=2,
         use_token_cache=False,
         use_tokens=False,
+        chunk_size=auto_chunk_size(model.spec, height, width),
     )
     jitted = jax.jit(
         functools.partial(trainer.train_step, ctx=ctx),
