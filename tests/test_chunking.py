@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import IMAGE, FAST_OPTIM, load_config, loss_rtol
+from test_train import FAST_OPTIM, IMAGE, load_config, loss_rtol
 
 from tokfusion_jax import chunking, configlib, optim, trainer
 from tokfusion_jax import sharding as shd
@@ -23,9 +23,19 @@ def per_sample(x, z, y):
     return out, {"mean": x.mean(axis=1), "square": y * y + (0.0 if z is None else 1.0)}
 
 
-@pytest.mark.parametrize("shards, per_shard, chunk", [
-    (1, 4, 1), (1, 4, 2), (1, 4, 3), (2, 2, 1), (2, 3, 2), (3, 2, 1), (1, 4, 0), (2, 2, 5),
-])
+@pytest.mark.parametrize(
+    "shards, per_shard, chunk",
+    [
+        (1, 4, 1),
+        (1, 4, 2),
+        (1, 4, 3),
+        (2, 2, 1),
+        (2, 3, 2),
+        (3, 2, 1),
+        (1, 4, 0),
+        (2, 2, 5),
+    ],
+)
 def test_map_in_chunks_equals_the_whole_batch(shards, per_shard, chunk):
     """Every split, ragged last chunks included, gives the whole batch's outputs in order."""
     rng = np.random.default_rng(0)
@@ -78,8 +88,14 @@ def test_chunked_train_step_matches_the_whole_batch():
     runs = {}
     for chunk in (0, 1):
         ctx = trainer.StepContext(
-            model, opt, c.loss.to_dict(), stage=2, use_token_cache=True, use_tokens=True,
-            chunk_size=chunk, batch_shards=mesh.size,
+            model,
+            opt,
+            c.loss.to_dict(),
+            stage=2,
+            use_token_cache=True,
+            use_tokens=True,
+            chunk_size=chunk,
+            batch_shards=mesh.size,
         )
         step = trainer.compile_train_step(ctx, mesh, None)
         state = jax.device_put(trainer.new_state(params, opt), shd.replicated(mesh))

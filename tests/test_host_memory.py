@@ -51,8 +51,13 @@ print(json.dumps({{"applied": applied, "faults": faults}}))
 def run_probe(defaults: bool) -> dict:
     env = {**os.environ, "TOKFUSION_MALLOC_DEFAULTS": "1" if defaults else "0"}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-        check=True, timeout=120,
+        [sys.executable, "-c", PROBE],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -60,7 +65,8 @@ def run_probe(defaults: bool) -> dict:
 def thp_mode() -> str:
     """The kernel's transparent-huge-page mode ("always", "madvise", "never"), or ""."""
     try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
     except OSError:
         return ""
     return text.partition("[")[2].partition("]")[0]

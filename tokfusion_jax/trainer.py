@@ -173,7 +173,9 @@ def sample_activation_bytes(config: ml_collections.ConfigDict) -> int:
     crop = int(config.data.get("patch_size", 0)) or int(config.data.image_size)
     m = config.model
     itemsize = jnp.dtype(m.dtype).itemsize
-    return chunking.widest_activation_bytes(crop, crop, int(m.dim), float(m.ffn_expansion), itemsize)
+    return chunking.widest_activation_bytes(
+        crop, crop, int(m.dim), float(m.ffn_expansion), itemsize
+    )
 
 
 def network_outputs(ctx: StepContext, params: PyTree, z_vis, z_ir, vis, ir):
