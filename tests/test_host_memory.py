@@ -4,13 +4,14 @@ arenas at their first allocation, and the suite's own processes keep glibc's def
 
 import json
 import os
+import pathlib
 import platform
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
