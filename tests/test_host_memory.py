@@ -85,3 +85,51 @@ def test_freed_block_is_reused_without_page_faults():
     # The policy: the second round reuses the first round's pages (small allocations of the
     # interpreter may fault a few pages: well under a tenth of the block).
     assert retained["faults"][1] < pages // 10, retained
+
+
+# The main thread fills the heap with small blocks (below glibc's mmap threshold) and frees every
+# other one: the holes lie between blocks in use, so glibc's own trimming of the heap's top cannot
+# release them; then asks for the free pages back. Prints the resident size before and after
+# (KiB) and how much was freed.
+TRIM_PROBE = """
+import ctypes, json, sys
+from tokfusion_jax import host_memory
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+size = 64 << 10
+blocks = [libc.malloc(size) for _ in range(2048)]  # 128 MiB
+for b in blocks:
+    ctypes.memset(b, 1, size)
+for b in blocks[::2]:
+    libc.free(b)  # 64 MiB of holes
+before = rss_kib()
+released = host_memory.release_freed_memory() if sys.argv[1] == "release" else False
+print(json.dumps({"released": released, "before": before, "after": rss_kib()}))
+"""
+
+
+def trim_probe(mode: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", TRIM_PROBE, mode],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_release_freed_memory_returns_free_heap_pages():
+    kept, released = trim_probe("keep"), trim_probe("release")
+    assert released["released"] is True
+    assert kept["before"] - kept["after"] < 8 << 10, kept  # the holes stay resident by default
+    # Each 64 KiB hole gives back its whole pages: most of the 64 MiB.
+    assert released["before"] - released["after"] > 48 << 10, released

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tokfusion_jax import compile_options, memory
+from tokfusion_jax import compile_options, host_memory, memory
 from tokfusion_jax.errors import CheckpointError
 from tokfusion_jax.models import titok
 from tokfusion_jax.models.fusion import TokFusion
@@ -194,6 +194,7 @@ class FusionExport:
             pairs = jax.ShapeDtypeStruct((batch, height, width, 1), jnp.float32)
             lowered = _fuse_program().lower(self.model, self.params, self.tokenizer, pairs, pairs)
             self._executables[key] = lowered.compile()
+            host_memory.release_freed_memory()  # the compiler's scratch, before the run's temps
         return self._executables[key]
 
     def memory_model(self, height: int, width: int) -> memory.MemoryModel | None:

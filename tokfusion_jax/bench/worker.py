@@ -92,6 +92,7 @@ def jax_program(spec: dict[str, Any]) -> tuple[Callable[[], None], float, float 
         reset_peak_rss()
         fuse = jax.jit(model.fuse_images, compiler_options=options)
         compiled = compile_fn(fuse, params, tok, vis, ir)
+        host_memory.release_freed_memory()  # as `export.FusionExport.executable`
         call = lambda: jax.block_until_ready(compiled.executable(params, tok, vis, ir))
     else:
         if spec["work"] == "fuse":
