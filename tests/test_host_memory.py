@@ -49,10 +49,10 @@ print(json.dumps({{"applied": applied, "faults": faults}}))
 """
 
 
-def run_probe(defaults: bool) -> dict:
-    env = {**os.environ, "TOKFUSION_MALLOC_DEFAULTS": "1" if defaults else "0"}
+def run_in_fresh_interpreter(code: str, *args: str, env: dict | None = None) -> dict:
+    """Runs `code` in a new Python process and returns the JSON of its last output line."""
     out = subprocess.run(
-        [sys.executable, "-c", PROBE],
+        [sys.executable, "-c", code, *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -61,6 +61,11 @@ def run_probe(defaults: bool) -> dict:
         timeout=120,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_probe(defaults: bool) -> dict:
+    env = {**os.environ, "TOKFUSION_MALLOC_DEFAULTS": "1" if defaults else "0"}
+    return run_in_fresh_interpreter(PROBE, env=env)
 
 
 def thp_mode() -> str:
@@ -116,15 +121,7 @@ print(json.dumps({"released": released, "before": before, "after": rss_kib()}))
 
 
 def trim_probe(mode: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", TRIM_PROBE, mode],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_fresh_interpreter(TRIM_PROBE, mode)
 
 
 def test_release_freed_memory_returns_free_heap_pages():
