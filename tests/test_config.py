@@ -81,6 +81,7 @@ def test_valid_tiny_config_passes(tmp_path):
         ({"data.root": "/nonexistent/msrs"}, r"config\.data\.root=/nonexistent/msrs"),
         ({"data.root": ""}, r"config\.data\.root is not set"),
         ({"data.batch_size": 0}, r"data\.batch_size"),
+        ({"train.chunk_size": -1}, r"config\.train\.chunk_size=-1: expected >= 0"),
         ({"train.stage1_epochs": 0, "train.stage2_epochs": 0}, r"stage2_epochs"),
     ],
 )

@@ -78,7 +78,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "> 0 when stage1_epochs is 0",
     )
     need(t.steps_per_epoch >= 0, "train.steps_per_epoch", t.steps_per_epoch, ">= 0")
-    need(t.chunk_size >= 0, "train.chunk_size", t.chunk_size, ">= 0 (0 = auto)")
+    need(t.get("chunk_size", 0) >= 0, "train.chunk_size", t.get("chunk_size"), ">= 0 (0 = auto)")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         need(t[key] >= 1, f"train.{key}", t[key], ">= 1")
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
@@ -528,7 +528,7 @@ def train_and_evaluate(
     stage1_steps = int(config.train.stage1_epochs) * steps_per_epoch
     total_steps = stage1_steps + int(config.train.stage2_epochs) * steps_per_epoch
 
-    chunk_size = int(config.train.chunk_size) or chunking.auto_chunk_size(
+    chunk_size = int(config.train.get("chunk_size", 0)) or chunking.auto_chunk_size(
         sample_activation_bytes(config), jax.default_backend()
     )
 
