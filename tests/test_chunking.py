@@ -6,6 +6,8 @@ same losses and gradient norms within the float32 bound of two programs of the s
 no data moved between the devices.
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,7 +57,8 @@ def test_map_in_chunks_refuses_a_batch_that_does_not_split():
 
 def test_auto_chunk_size_fits_the_cache():
     mib = 1 << 20
-    sample = chunking.widest_activation_bytes(128, 128, 64, 2.0, 4)
+    paper = types.SimpleNamespace(dim=64, ffn_expansion=2.0, dtype="float32")
+    sample = chunking.widest_activation_bytes(paper, 128, 128)
     assert sample == 16 * mib  # (128, 128, 256) float32
     assert chunking.auto_chunk_size(sample, "cpu", cache_bytes=32 * mib) == 2
     assert chunking.auto_chunk_size(sample, "cpu", cache_bytes=8 * mib) == 1  # never 0

@@ -46,10 +46,12 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=FALLBACK_CACHE_BYTES)
 
 
-def widest_activation_bytes(height: int, width: int, dim: int, ffn_expansion: float, itemsize: int):
-    """Bytes of the backbone's widest per-sample activation: the GDFN's 1x1 output,
-    (H, W, 2 * int(dim * expansion))."""
-    return height * width * 2 * int(dim * ffn_expansion) * itemsize
+def widest_activation_bytes(model: Any, height: int, width: int) -> int:
+    """Bytes of the backbone's widest per-sample activation at (H, W): the GDFN's 1x1 output,
+    (H, W, 2 * int(dim * ffn_expansion)) in the compute dtype. `model`: a model config or
+    `ModelSpec` (anything with `dim`, `ffn_expansion` and `dtype`)."""
+    channels = 2 * int(model.dim * model.ffn_expansion)
+    return height * width * channels * jnp.dtype(model.dtype).itemsize
 
 
 def auto_chunk_size(sample_bytes: int, backend: str, cache_bytes: int | None = None) -> int:

@@ -168,16 +168,6 @@ def _tokens(ctx: StepContext, frozen: Any, batch: Mapping[str, jax.Array]):
     return ctx.model.tokens(frozen, batch["vis"]), ctx.model.tokens(frozen, batch["ir"])
 
 
-def sample_activation_bytes(config: ml_collections.ConfigDict) -> int:
-    """The widest per-sample activation of the backbone at the training crop (`chunking`)."""
-    crop = int(config.data.get("patch_size", 0)) or int(config.data.image_size)
-    m = config.model
-    itemsize = jnp.dtype(m.dtype).itemsize
-    return chunking.widest_activation_bytes(
-        crop, crop, int(m.dim), float(m.ffn_expansion), itemsize
-    )
-
-
 def network_outputs(ctx: StepContext, params: PyTree, z_vis, z_ir, vis, ir):
     """The model's part of one stage, sample by sample independent.
 
@@ -528,8 +518,9 @@ def train_and_evaluate(
     stage1_steps = int(config.train.stage1_epochs) * steps_per_epoch
     total_steps = stage1_steps + int(config.train.stage2_epochs) * steps_per_epoch
 
+    crop = int(config.data.get("patch_size", 0)) or image_size  # the training crop
     chunk_size = int(config.train.get("chunk_size", 0)) or chunking.auto_chunk_size(
-        sample_activation_bytes(config), jax.default_backend()
+        chunking.widest_activation_bytes(config.model, crop, crop), jax.default_backend()
     )
 
     model = TokFusion(config.model)

@@ -78,10 +78,9 @@ class TrainStepProgram(NamedTuple):
     tokenizer: Any  # None with cached tokens
 
 
-def auto_chunk_size(cfg: Any, height: int, width: int) -> int:
-    """The trainer's `train.chunk_size=0` choice for a model config at (H, W) crops."""
-    itemsize = jnp.dtype(cfg.dtype).itemsize
-    sample = chunking.widest_activation_bytes(height, width, cfg.dim, cfg.ffn_expansion, itemsize)
+def auto_chunk_size(model: Any, height: int, width: int) -> int:
+    """The trainer's `train.chunk_size=0` choice for a model config or spec at (H, W) crops."""
+    sample = chunking.widest_activation_bytes(model, height, width)
     return chunking.auto_chunk_size(sample, jax.default_backend())
 
 
