@@ -193,6 +193,40 @@ def test_conv_groups_and_reflect_padding():
         assert got.shape == (2, H, W, 8)
 
 
+@pytest.mark.parametrize("batch,heads", [(1, 2), (2, 4)])
+def test_channel_attention_value_and_gradients_match_twin_in_float64(batch, heads):
+    """The Gram-matrix form (one C x C product, the heads' block diagonal, v times a block-
+    diagonal mix) against CDDFuse's per-head normalise-then-multiply, value and all four
+    gradients, in float64. Each output passes through at most two chains of
+    `attention_chain` roundings (forward and backward) on values bounded by the scale."""
+    rng = np.random.default_rng(3)
+    h, w, c = 7, 9, 4 * heads
+    q, k, v, g = (rng.standard_normal((batch, h, w, c)) for _ in range(4))
+    temperature = rng.uniform(0.5, 2.0, heads)
+
+    def nchw(a):
+        return t64(a).permute(0, 3, 1, 2).requires_grad_(True)
+
+    tq, tk, tv, tt = nchw(q), nchw(k), nchw(v), t64(temperature).requires_grad_(True)
+    want = channel_attention(tq, tk, tv, tt, heads)
+    (want * nchw(g)).sum().backward()
+    want_grads = [a.grad.permute(0, 2, 3, 1).numpy() for a in (tq, tk, tv)] + [tt.grad.numpy()]
+
+    with jax.enable_x64(True):
+        args = [jnp.asarray(a, jnp.float64) for a in (q, k, v, temperature)]
+        fn = lambda q, k, v, t: bb.channel_attention(q, k, v, t, heads)  # noqa: E731
+        got = fn(*args)
+        loss = lambda *a: jnp.sum(fn(*a) * jnp.asarray(g))  # noqa: E731
+        grads = jax.grad(loss, argnums=(0, 1, 2, 3))(*args)
+    chain = 2 * attention_chain(h * w, c // heads)
+    want_np = want.detach().permute(0, 2, 3, 1).numpy()
+    scale = activation_scale(q, k, v, want_np)
+    assert max_err(got, want_np) <= rounding_bound(chain, scale, U64)
+    for name, got_grad, want_grad in zip("qkvt", grads, want_grads, strict=True):
+        bound = rounding_bound(chain, activation_scale(want_grad, g, scale), U64)
+        assert max_err(got_grad, want_grad) <= bound, name
+
+
 def test_layer_norm_matches_twin_and_computes_in_float32():
     x = rand((2, H, W, DIM), 2, scale=3.0) + 5.0
     make = lambda dt: bb.WithBiasLayerNorm(dtype=dt)  # noqa: E731
@@ -404,6 +438,32 @@ def test_grouped_conv_by_taps_value_and_gradients_match_native(c_in, c_out, grou
         lambda x, w: _native_conv(x, w, groups, pad), x, kernel, weights
     )
     b_value, b_gx, b_gk = _conv_bounds(x, kernel, weights, groups, pad)
+    assert max_err(got, want) <= b_value
+    assert max_err(gx, wx) <= b_gx
+    assert max_err(gk, wk) <= b_gk
+
+
+@pytest.mark.parametrize(
+    "c_in,c_out,k,pad",
+    [
+        (6, 10, 3, ((1, 1), (1, 1))),  # "same" zero padding (CDDFuse's qkv2 and head convs)
+        (5, 3, 3, ((0, 2), (2, 0))),  # asymmetric padding
+        (4, 7, 5, ((2, 2), (2, 2))),
+        (6, 6, 3, "VALID"),  # after a reflect pad
+    ],
+)
+def test_dense_conv_value_and_gradients_match_native(c_in, c_out, k, pad):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 9, 7, c_in)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, c_in, c_out)), jnp.float32)
+    out_shape = _native_conv(x, kernel, 1, pad).shape
+    weights = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    got, (gx, gk) = _value_and_both_grads(lambda x, w: bb.dense_conv(x, w, pad), x, kernel, weights)
+    want, (wx, wk) = _value_and_both_grads(
+        lambda x, w: _native_conv(x, w, 1, pad), x, kernel, weights
+    )
+    assert got.shape == want.shape and gx.shape == x.shape and gk.shape == kernel.shape
+    b_value, b_gx, b_gk = _conv_bounds(x, kernel, weights, 1, pad)
     assert max_err(got, want) <= b_value
     assert max_err(gx, wx) <= b_gx
     assert max_err(gk, wk) <= b_gk

@@ -37,7 +37,9 @@ def random_params(module, *args, seed: int = 0):
 
 
 def t64(x):
-    """A float64 torch tensor of an array."""
+    """A float64 torch tensor of an array (a tensor stays in the autograd graph)."""
+    if isinstance(x, torch.Tensor):
+        return x.double()
     return torch.from_numpy(np.asarray(x, np.float64))
 
 

@@ -21,6 +21,7 @@ PyTorch's defaults: weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -148,6 +149,74 @@ def grouped_conv_by_taps(x: Array, kernel: Array, groups: int, padding: Any) -> 
     return y.reshape(b, hp - k + 1, wp - k + 1, c_out)
 
 
+def _dense_conv_fwd_only(x: Array, kernel: Array, padding: Any) -> Array:
+    """Stride-1 dense convolution: (B, H, W, C_in), (k, k, C_in, C_out) -> (B, H', W', C_out)."""
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(1, 1),
+        padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_conv(x: Array, kernel: Array, padding: Any) -> Array:
+    return _dense_conv_fwd_only(x, kernel, padding)
+
+
+def _dense_conv_fwd(x: Array, kernel: Array, padding: Any) -> tuple[Array, tuple[Array, Array]]:
+    return _dense_conv_fwd_only(x, kernel, padding), (x, kernel)
+
+
+def _dense_conv_bwd(padding: Any, res: tuple[Array, Array], grad: Array) -> tuple[Array, Array]:
+    """Both cotangents of a stride-1 dense convolution, the kernel's as k*k row-major GEMMs.
+
+    d/dx: the native convolution of the output gradient with the spatially flipped kernel (its
+    C_in and C_out swapped), padded by k - 1 - pad on each side. d/dkernel: for each tap (i, j),
+    window(i, j)^T @ grad over the flattened pixels of the zero-padded input. XLA:CPU runs its
+    own kernel-gradient convolution several times slower than these GEMMs (benchmarks/NOTES.md).
+    """
+    x, kernel = res
+    k = kernel.shape[0]
+    (top, bottom), (left, right) = padding
+    flipped = jnp.flip(kernel, axis=(0, 1)).transpose(0, 1, 3, 2)  # (k, k, C_out, C_in)
+    grad_padding = ((k - 1 - top, k - 1 - bottom), (k - 1 - left, k - 1 - right))
+    d_x = _dense_conv_fwd_only(grad, flipped, grad_padding).astype(x.dtype)
+
+    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    b, h, w, c_out = grad.shape
+    g2 = grad.reshape(-1, c_out)  # (N, C_out)
+    taps = [
+        jax.lax.dot_general(
+            xp[:, i : i + h, j : j + w].reshape(-1, x.shape[-1]),  # (N, C_in)
+            g2,
+            (((0,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+        for i in range(k)
+        for j in range(k)
+    ]
+    d_kernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+    return d_x, d_kernel
+
+
+_dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
+
+
+def dense_conv(x: Array, kernel: Array, padding: Any) -> Array:
+    """Stride-1 dense k x k convolution with explicit ((top, bottom), (left, right)) padding.
+
+    Same values as `lax.conv_general_dilated`; on CPU its gradient comes from `_dense_conv_bwd`.
+    x (B, H, W, C_in), kernel (k, k, C_in, C_out) -> (B, H', W', C_out).
+    Reverse-mode differentiable only.
+    """
+    if padding == "VALID":
+        padding = ((0, 0), (0, 0))
+    padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+    return _dense_conv(x, kernel, padding)
+
+
 @jax.custom_vjp
 def _matmul_last_axis(x: Array, w: Array) -> Array:
     """(..., C_in) @ (C_in, C_out) -> (..., C_out)."""
@@ -215,6 +284,8 @@ class Conv2d(nn.Module):
             y = pointwise_conv(x, kernel)
         elif self.groups > 1 and jax.default_backend() == "cpu":
             y = grouped_conv_by_taps(x, kernel, self.groups, padding)
+        elif self.groups == 1 and jax.default_backend() == "cpu":
+            y = dense_conv(x, kernel, padding)
         else:
             y = jax.lax.conv_general_dilated(
                 x,
@@ -256,28 +327,38 @@ class WithBiasLayerNorm(nn.Module):
 def channel_attention(q: Array, k: Array, v: Array, temperature: Array, heads: int) -> Array:
     """Transposed (channel-to-channel) attention per head, as MDTA computes it.
 
-    q, k, v: (B, H, W, C) with C = heads * c; temperature: (heads,). q and k are l2-normalised
-    over the spatial axis (eps 1e-12) in float32; the softmax runs in float32 over the last axis
-    of (q k^T) * temperature (B, heads, c, c). Returns (B, H, W, C) in v's dtype.
+    q, k, v: (B, H, W, C) with C = heads * c; temperature: (heads,). The logits are the cosine
+    similarities of q's and k's channels over the pixels (each l2 norm floored at eps 1e-12),
+    times the head's temperature; the softmax runs over the last axis of (B, heads, c, c).
+    Statistics, logits and softmax are float32. Returns (B, H, W, C) in v's dtype.
+
+    Computed without moving the pixel axis: the Gram matrix of all C channels (its diagonal
+    head blocks are the per-head logits), then v times the block-diagonal matrix of the heads'
+    attention. Both are row-major GEMMs over the pixels; the per-head form would transpose q, k,
+    v and the output to (B, heads, c, H*W), and XLA fuses those transposes into the producers
+    (the depthwise tap sums), which then run strided. Dividing the Gram matrix by the outer
+    product of the norms equals normalising q and k first (CDDFuse's order).
     """
     b, h, w, c = q.shape
+    d = c // heads
     dtype = v.dtype
-
-    def split(t: Array) -> Array:  # (B, H, W, C) -> (B, H*W, heads, c)
-        return t.reshape(b, h * w, heads, c // heads)
-
     acc = stats_dtype(dtype)
+    q2, k2, v2 = (t.reshape(b, h * w, c) for t in (q, k, v))  # (B, N, C)
 
-    def l2n(t: Array) -> Array:
+    def l2_norm(t: Array) -> Array:  # (B, N, C) -> (B, heads, d), floored at eps
         t = t.astype(acc)
-        norm = jnp.sqrt(jnp.sum(t * t, axis=1, keepdims=True))
-        return (t / jnp.maximum(norm, L2_EPS)).astype(dtype)
+        return jnp.maximum(jnp.sqrt(jnp.sum(t * t, axis=1)), L2_EPS).reshape(b, heads, d)
 
-    qh, kh, vh = l2n(split(q)), l2n(split(k)), split(v)
-    logits = jnp.einsum("bnhc,bnhd->bhcd", qh, kh, preferred_element_type=acc)
-    logits = logits * temperature.astype(acc)[None, :, None, None]
-    attn = jax.nn.softmax(logits, axis=-1).astype(dtype)  # (B, heads, c, c)
-    out = jnp.einsum("bhcd,bnhd->bnhc", attn, vh)
+    gram = jnp.einsum("bnc,bne->bce", q2, k2, preferred_element_type=acc)  # (B, C, C)
+    blocks = gram.reshape(b, heads, d, heads, d)
+    per_head = jnp.diagonal(blocks, axis1=1, axis2=3).transpose(0, 3, 1, 2)  # (B, heads, d, d)
+    cosine = per_head / (l2_norm(q2)[..., :, None] * l2_norm(k2)[..., None, :])
+    logits = cosine * temperature.astype(acc)[None, :, None, None]
+    attn = jax.nn.softmax(logits, axis=-1).astype(dtype)  # (B, heads, d_out, d_in)
+    # mix[b, h*d + i, g*d + o] = attn[b, h, o, i] if g == h else 0: (B, C, C)
+    eye = jnp.eye(heads, dtype=dtype)
+    mix = jnp.einsum("bhoi,hg->bhigo", attn, eye).reshape(b, c, c)
+    out = jnp.einsum("bni,bio->bno", v2, mix)  # (B, N, C)
     return out.reshape(b, h, w, c)
 
 
